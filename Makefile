@@ -1,0 +1,34 @@
+# Developer entry points. `make demo` and `make test` are the README's two commands.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup tools demo down test lint crds clean
+
+$(BIN)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --editable '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed  ## Python environment with EdgeLLM and its dev tools
+
+tools:  ## pinned etcd, Kubernetes, KWOK, Helm and Kubo binaries in ~/.cache/edgellm/bin
+	hack/tools.sh
+
+demo: setup tools  ## local federation up, CRDs installed, the example request applied
+	PATH="$(CURDIR)/$(BIN):$$PATH" hack/demo.sh
+
+down: setup  ## stop the local clusters
+	$(BIN)/edgellm dev down
+
+test: setup tools  ## every check: lint, types, import layers, CRD drift, unit and e2e tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" hack/test.sh
+
+lint: setup  ## the static checks alone
+	PATH="$(CURDIR)/$(BIN):$$PATH" hack/test.sh --lint-only
+
+crds: setup  ## regenerate crds/ and the chart's CRDs from the API models
+	$(BIN)/edgellm crds
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

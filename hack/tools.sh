@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Provides the pinned tool binaries EdgeLLM's local clusters, tests and charts need, in a cache
+# outside the repository: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+# KWOK, Helm and Kubo (the `ipfs` daemon).
+#
+# Each tool is downloaded as an official release where that works (EDGELLM_TOOLS_SOURCE=auto, the
+# default) and otherwise built from the Go module proxy: Helm and KWOK with `go install`, the
+# others through the wrapper modules in hack/tools/ (their go.mod pins the versions; their go.sum
+# is committed so every build is verified). Binaries carry their real version (ldflags), since
+# kube-apiserver reads it. A tool whose cached version matches is skipped, so a second
+# run takes seconds.
+#
+# usage: hack/tools.sh [TOOL...]         (default: every tool)
+#   EDGELLM_CACHE         cache root (default ~/.cache/edgellm); binaries land in $EDGELLM_CACHE/bin
+#   EDGELLM_TOOLS_SOURCE  auto | download | build
+set -euo pipefail
+
+KWOK_VERSION=v0.8.0
+HELM_VERSION=v3.21.4
+
+HACK_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=${EDGELLM_CACHE:-$HOME/.cache/edgellm}
+BIN=$CACHE/bin
+LOGS=$CACHE/logs/tools
+SOURCE=${EDGELLM_TOOLS_SOURCE:-auto}
+ARCH=$(go env GOARCH 2>/dev/null || echo amd64)
+export GOTOOLCHAIN=local GOFLAGS=-mod=mod
+mkdir -p "$BIN" "$LOGS"
+
+ALL_TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm ipfs)
+
+wrapper_version() { # module directory, module path -> pinned version
+  (cd "$HACK_DIR/tools/$1" && go list -m -f '{{.Version}}' "$2")
+}
+
+version_of() {
+  case $1 in
+    etcd) wrapper_version etcd go.etcd.io/etcd/server/v3 ;;
+    kube-*|kubectl) wrapper_version kubernetes k8s.io/kubernetes ;;
+    kwok) echo "$KWOK_VERSION" ;;
+    helm) echo "$HELM_VERSION" ;;
+    ipfs) wrapper_version kubo github.com/ipfs/kubo ;;
+    *) echo "unknown tool '$1' (known: ${ALL_TOOLS[*]})" >&2; return 1 ;;
+  esac
+}
+
+k8s_ldflags() {
+  local v=$1 minor
+  minor=$(echo "$v" | cut -d. -f2)
+  local flags="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$flags"
+}
+
+# Official release locations: the binary itself, or an archive and the member to take from it.
+release_url() {
+  local tool=$1 v=$2
+  case $tool in
+    kube-*|kubectl) echo "https://dl.k8s.io/release/$v/bin/linux/$ARCH/$tool" ;;
+    etcd) echo "https://github.com/etcd-io/etcd/releases/download/$v/etcd-$v-linux-$ARCH.tar.gz etcd-$v-linux-$ARCH/etcd" ;;
+    kwok) echo "https://github.com/kubernetes-sigs/kwok/releases/download/$v/kwok-linux-$ARCH" ;;
+    helm) echo "https://get.helm.sh/helm-$v-linux-$ARCH.tar.gz linux-$ARCH/helm" ;;
+    ipfs) echo "https://dist.ipfs.tech/kubo/$v/kubo_${v}_linux-$ARCH.tar.gz kubo/ipfs" ;;
+  esac
+}
+
+download() ( # tool version out log; a subshell, so that its EXIT trap cleans up
+  tool=$1 v=$2 out=$3 log=$4
+  read -r url member <<<"$(release_url "$tool" "$v")"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  curl -fsSL --connect-timeout 5 -o "$tmp/dl" "$url" >>"$log" 2>&1 || return 1
+  if [[ $tool == kube-* || $tool == kubectl ]]; then  # the only releases with a per-file checksum
+    curl -fsSL --connect-timeout 5 -o "$tmp/dl.sha256" "$url.sha256" >>"$log" 2>&1 || return 1
+    echo "$(cat "$tmp/dl.sha256")  $tmp/dl" | sha256sum -c - >>"$log" 2>&1 || return 1
+  fi
+  if [[ -n $member ]]; then
+    tar -xzf "$tmp/dl" -C "$tmp" "$member" >>"$log" 2>&1 || return 1
+    mv "$tmp/$member" "$out"
+  else
+    mv "$tmp/dl" "$out"
+  fi
+  chmod +x "$out"
+)
+
+build() { # tool version out log
+  local tool=$1 v=$2 out=$3 log=$4
+  case $tool in
+    kube-*|kubectl)
+      (cd "$HACK_DIR/tools/kubernetes" &&
+        go build -trimpath -ldflags "$(k8s_ldflags "$v")" -o "$out" "k8s.io/kubernetes/cmd/$tool") ;;
+    etcd)
+      (cd "$HACK_DIR/tools/etcd" &&
+        go build -trimpath -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=release-$v" \
+          -o "$out" go.etcd.io/etcd/server/v3) ;;
+    ipfs)
+      (cd "$HACK_DIR/tools/kubo" && go build -trimpath -ldflags "-s -w" -o "$out" github.com/ipfs/kubo/cmd/ipfs) ;;
+    kwok)
+      local gobin
+      gobin=$(mktemp -d)
+      GOBIN=$gobin GOFLAGS= go install -trimpath \
+        -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" "sigs.k8s.io/kwok/cmd/kwok@$v" &&
+        mv "$gobin/kwok" "$out" && rmdir "$gobin" ;;
+    helm)
+      local gobin
+      gobin=$(mktemp -d)
+      GOBIN=$gobin GOFLAGS= go install -trimpath \
+        -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$v" "helm.sh/helm/v3/cmd/helm@$v" &&
+        mv "$gobin/helm" "$out" && rmdir "$gobin" ;;
+  esac >>"$log" 2>&1
+}
+
+provide() { # step total tool
+  local step=$1 total=$2 tool=$3 v out log start how
+  v=$(version_of "$tool")
+  out=$BIN/$tool
+  log=$LOGS/$tool.log
+  if [[ -x $out && $(cat "$BIN/.$tool.version" 2>/dev/null) == "$v" ]]; then
+    echo "[$step/$total] $tool $v: cached"
+    return 0
+  fi
+  start=$SECONDS
+  : >"$log"
+  rm -f "$BIN/.$tool.version"
+  if [[ $SOURCE != build ]] && echo "$tool $v: downloading the official release" >>"$log" &&
+      download "$tool" "$v" "$out.tmp" "$log"; then
+    how=downloaded
+  elif [[ $SOURCE == download ]]; then
+    echo "[$step/$total] $tool $v: FAILED to download; log: $log" >&2
+    tail -n 20 "$log" >&2
+    return 1
+  else
+    echo "[$step/$total] $tool $v: building from the Go module proxy (log: $log)"
+    echo "$tool $v: building" >>"$log"
+    if ! build "$tool" "$v" "$out.tmp" "$log"; then
+      echo "[$step/$total] $tool $v: FAILED to build; last lines of $log:" >&2
+      tail -n 20 "$log" >&2
+      return 1
+    fi
+    how=built
+  fi
+  mv "$out.tmp" "$out"
+  echo "$v" >"$BIN/.$tool.version"
+  echo "[$step/$total] $tool $v: $how in $((SECONDS - start))s"
+}
+
+tools=("$@")
+[[ ${#tools[@]} -gt 0 ]] || tools=("${ALL_TOOLS[@]}")
+for i in "${!tools[@]}"; do
+  provide "$((i + 1))" "${#tools[@]}" "${tools[$i]}"
+done
+echo "tools are in $BIN"

@@ -1,0 +1,1 @@
+"""EdgeLLM: decentralised LLM inference over a federation of Kubernetes clusters."""

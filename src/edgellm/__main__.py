@@ -1,0 +1,5 @@
+"""`python -m edgellm`: the same as the `edgellm` command."""
+
+from edgellm.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Local development clusters: real control planes on loopback with KWOK fake nodes."""

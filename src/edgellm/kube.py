@@ -1,0 +1,60 @@
+"""Kubernetes API clients built from kubeconfig data, for code outside the kopf operator
+(the CLI, local clusters, federation clients, tests)."""
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kubernetes import client, config
+
+
+@contextmanager
+def api_client(
+    kubeconfig: dict[str, Any], context: str | None = None
+) -> Iterator[client.ApiClient]:
+    """A client for one context of a kubeconfig held in memory; closed on exit."""
+    configuration = client.Configuration()
+    config.load_kube_config_from_dict(
+        kubeconfig, context=context, client_configuration=configuration, persist_config=False
+    )
+    api = client.ApiClient(configuration)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def install_crds(api: client.ApiClient, crds: list[dict[str, Any]], timeout: float = 60.0) -> None:
+    """Creates or replaces each CRD and waits until the apiserver reports it Established."""
+    extensions = client.ApiextensionsV1Api(api)
+    for crd in crds:
+        name = crd["metadata"]["name"]
+        try:
+            current = extensions.read_custom_resource_definition(name)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
+            extensions.create_custom_resource_definition(crd)
+        else:
+            crd = {
+                **crd,
+                "metadata": {
+                    **crd["metadata"],
+                    "resourceVersion": current.metadata.resource_version,
+                },
+            }
+            extensions.replace_custom_resource_definition(name, crd)
+    deadline = time.monotonic() + timeout
+    for crd in crds:
+        name = crd["metadata"]["name"]
+        while not _established(extensions.read_custom_resource_definition(name)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} was not Established within {timeout:.0f}s")
+            time.sleep(0.2)
+
+
+def _established(crd: Any) -> bool:
+    return any(
+        c.type == "Established" and c.status == "True" for c in (crd.status.conditions or [])
+    )
