@@ -27,7 +27,11 @@ ARCH=$(go env GOARCH 2>/dev/null || echo amd64)
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod
 mkdir -p "$BIN" "$LOGS"
 
-ALL_TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm ipfs)
+ALL_TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwok-stages.yaml helm ipfs)
+# KWOK's upstream stages (node-initialize, lease heartbeats, pod-fast): how fake nodes and pods
+# change state. kwokctl embeds them; the kwok binary needs them as configuration.
+KWOK_STAGES=(node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml
+  pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml)
 
 wrapper_version() { # module directory, module path -> pinned version
   (cd "$HACK_DIR/tools/$1" && go list -m -f '{{.Version}}' "$2")
@@ -37,7 +41,7 @@ version_of() {
   case $1 in
     etcd) wrapper_version etcd go.etcd.io/etcd/server/v3 ;;
     kube-*|kubectl) wrapper_version kubernetes k8s.io/kubernetes ;;
-    kwok) echo "$KWOK_VERSION" ;;
+    kwok|kwok-stages.yaml) echo "$KWOK_VERSION" ;;
     helm) echo "$HELM_VERSION" ;;
     ipfs) wrapper_version kubo github.com/ipfs/kubo ;;
     *) echo "unknown tool '$1' (known: ${ALL_TOOLS[*]})" >&2; return 1 ;;
@@ -70,6 +74,7 @@ release_url() {
 download() ( # tool version out log; a subshell, so that its EXIT trap cleans up
   tool=$1 v=$2 out=$3 log=$4
   read -r url member <<<"$(release_url "$tool" "$v")"
+  [[ -n $url ]] || return 1
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   curl -fsSL --connect-timeout 5 -o "$tmp/dl" "$url" >>"$log" 2>&1 || return 1
@@ -104,6 +109,13 @@ build() { # tool version out log
       GOBIN=$gobin GOFLAGS= go install -trimpath \
         -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" "sigs.k8s.io/kwok/cmd/kwok@$v" &&
         mv "$gobin/kwok" "$out" && rmdir "$gobin" ;;
+    kwok-stages.yaml)
+      local dir
+      dir=$(GOFLAGS= go mod download -json "sigs.k8s.io/kwok@$v" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+      for stage in "${KWOK_STAGES[@]}"; do
+        echo "---"
+        cat "$dir/kustomize/stage/$stage"
+      done >"$out" ;;
     helm)
       local gobin
       gobin=$(mktemp -d)
@@ -118,7 +130,7 @@ provide() { # step total tool
   v=$(version_of "$tool")
   out=$BIN/$tool
   log=$LOGS/$tool.log
-  if [[ -x $out && $(cat "$BIN/.$tool.version" 2>/dev/null) == "$v" ]]; then
+  if [[ -f $out && $(cat "$BIN/.$tool.version" 2>/dev/null) == "$v" ]]; then
     echo "[$step/$total] $tool $v: cached"
     return 0
   fi

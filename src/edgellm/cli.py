@@ -117,17 +117,18 @@ def dev_down(workdir: WorkdirOption = DEFAULT_WORKDIR) -> None:
 
 @dev.command("status")
 def dev_status(workdir: WorkdirOption = DEFAULT_WORKDIR) -> None:
-    """Show each local cluster's API server and its running components."""
+    """Show each local cluster's API server, running components and their memory."""
     with _one_line_errors():
         federation = LocalFederation(workdir)
         for cluster in federation.clusters:
-            running = cluster.running_pids()
-            typer.echo(
-                yaml.safe_dump(
-                    {cluster.name: {"server": cluster.server, "running": sorted(running)}},
-                    sort_keys=False,
-                ).rstrip()
-            )
+            memory = cluster.memory_mib()
+            running = {c: f"{mib:.0f} MiB" for c, mib in memory.items()}
+            summary = {
+                "server": cluster.server,
+                "running": running,
+                "memory": f"{sum(memory.values()):.0f} MiB",
+            }
+            typer.echo(yaml.safe_dump({cluster.name: summary}, sort_keys=False).rstrip())
         typer.echo(f"kubeconfig: {federation.kubeconfig_path}")
 
 

@@ -104,7 +104,8 @@ def test_up_status_and_down_through_the_cli(workdir: Path) -> None:
         "kube-scheduler",
         "kwok",
     ):
-        assert f"- {component}" in status.stdout
+        assert f"    {component}: " in status.stdout
+    assert "  memory: " in status.stdout
     pids = _recorded_pids(workdir)
     assert len(pids) == 5
     down = subprocess.run(

@@ -109,6 +109,8 @@ def structural(schema: JSONSchema, defs: dict[str, JSONSchema]) -> JSONSchema:
             out["properties"] = {name: structural(sub, defs) for name, sub in value.items()}
         elif key in ("items", "additionalProperties") and isinstance(value, dict):
             out[key] = structural(value, defs)
+        elif key == "description":
+            out[key] = " ".join(value.split())  # docstrings wrap; kubectl explain rewraps
         elif key in ("exclusiveMinimum", "exclusiveMaximum"):
             # Draft 2020 puts the bound in the keyword; OpenAPI v3.0 wants a flag beside it.
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value

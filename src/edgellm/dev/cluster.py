@@ -26,7 +26,7 @@ from kubernetes import client
 from pydantic import BaseModel
 
 from edgellm.dev import pki
-from edgellm.dev.errors import ClusterStateError, ComponentFailedError
+from edgellm.dev.errors import ClusterStateError, ComponentFailedError, StartCancelledError
 from edgellm.dev.tools import tool
 from edgellm.kube import api_client
 
@@ -86,10 +86,18 @@ class FakeNode:
             "status": {
                 "allocatable": allocatable,
                 "capacity": allocatable,
+                # Every field a kubelet reports; typed clients refuse a Node without them.
                 "nodeInfo": {
                     "architecture": "amd64",
                     "operatingSystem": "linux",
-                    "kubeletVersion": "fake",
+                    "osImage": "kwok",
+                    "kernelVersion": "kwok",
+                    "kubeletVersion": "kwok",
+                    "kubeProxyVersion": "kwok",
+                    "containerRuntimeVersion": "kwok",
+                    "machineID": self.name,
+                    "systemUUID": self.name,
+                    "bootID": self.name,
                 },
             },
         }
@@ -302,13 +310,9 @@ class LocalCluster:
                 f"--cluster-signing-key-file={d / 'ca.key'}",
             ]
         if component == "kwok":
-            config = self.root / "kwok.yaml"
-            config.write_text(
-                "apiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\n"
-            )
             return [
                 str(tool("kwok")),
-                f"--config={config}",
+                f"--config={tool('kwok-stages.yaml')}",
                 f"--kubeconfig={self._kubeconfig_file('kwok', state)}",
                 "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
@@ -356,9 +360,7 @@ class LocalCluster:
         with httpx.Client(verify=self.client_ssl_context(), timeout=2.0) as client:
             while True:
                 if cancelled():
-                    raise ComponentFailedError(
-                        self.name, component, "start was cancelled", self.log(component)
-                    )
+                    raise StartCancelledError(f"{self.name}: start of {component} was cancelled")
                 if not _alive(pid):
                     raise ComponentFailedError(
                         self.name, component, "exited during start", self.log(component)
@@ -397,7 +399,9 @@ class LocalCluster:
                 ]
                 if nodes and len(ready) == len(nodes):
                     return
-                if cancelled() or time.monotonic() > deadline:
+                if cancelled():
+                    raise StartCancelledError(f"{self.name}: start was cancelled")
+                if time.monotonic() > deadline:
                     raise ComponentFailedError(
                         self.name,
                         "kwok",
@@ -423,6 +427,10 @@ class LocalCluster:
         state = self.load_state()
         return {c: pid for c, pid in state.pids.items() if _is_component(pid, c)}
 
+    def memory_mib(self) -> dict[str, float]:
+        """Resident memory of each running component, in MiB."""
+        return {c: _rss_kib(pid) / 1024 for c, pid in self.running_pids().items()}
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -436,6 +444,13 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return not _is_zombie(pid)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _is_zombie(pid: int) -> bool:

@@ -29,5 +29,9 @@ class ComponentFailedError(DevError):
             return ""
 
 
+class StartCancelledError(DevError):
+    pass
+
+
 class ClusterStateError(DevError):
     pass

@@ -7,7 +7,7 @@ stopped before the error is raised, so nothing is left behind.
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 from edgellm.dev.cluster import LocalCluster
-from edgellm.dev.errors import ClusterStateError, DevError
+from edgellm.dev.errors import ClusterStateError, DevError, StartCancelledError
 from edgellm.dev.tools import cache_dir
 
 Progress = Callable[[str], None]
@@ -77,14 +77,18 @@ class LocalFederation:
         pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="dev-up")
         try:
             futures = [pool.submit(start, c) for c in clusters]
-            for future in futures:
-                future.result()
-        except BaseException:
+            wait(futures)
+        except BaseException:  # Ctrl-C while waiting
             cancel.set()
             pool.shutdown(wait=True)
             self.down()
             raise
         pool.shutdown()
+        errors = [e for f in futures if (e := f.exception()) is not None]
+        if errors:
+            self.down()
+            # The cause, not the cancellations it set off in the other clusters.
+            raise next((e for e in errors if not isinstance(e, StartCancelledError)), errors[0])
         self.kubeconfig_path.write_text(yaml.safe_dump(self.kubeconfig()))
         self.kubeconfig_path.chmod(0o600)
         return self.kubeconfig_path

@@ -18,9 +18,9 @@ def cache_dir() -> Path:
 
 
 def tool(name: str) -> Path:
-    """The path of a pinned binary, e.g. `tool("kube-apiserver")`."""
+    """The path of a pinned binary (or of KWOK's stages), e.g. `tool("kube-apiserver")`."""
     path = cache_dir() / "bin" / name
-    if not os.access(path, os.X_OK):
+    if not path.is_file():
         raise MissingToolError(
             f"{name} is not in {path.parent}: run hack/tools.sh (or `make tools`) first"
         )
