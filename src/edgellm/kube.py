@@ -7,6 +7,16 @@ from contextlib import contextmanager
 from typing import Any
 
 from kubernetes import client, config
+from kubernetes.dynamic import DynamicClient
+
+
+def new_api_client(kubeconfig: dict[str, Any], context: str | None = None) -> client.ApiClient:
+    """A client for one context of a kubeconfig held in memory; the caller closes it."""
+    configuration = client.Configuration()
+    config.load_kube_config_from_dict(
+        kubeconfig, context=context, client_configuration=configuration, persist_config=False
+    )
+    return client.ApiClient(configuration)
 
 
 @contextmanager
@@ -14,11 +24,7 @@ def api_client(
     kubeconfig: dict[str, Any], context: str | None = None
 ) -> Iterator[client.ApiClient]:
     """A client for one context of a kubeconfig held in memory; closed on exit."""
-    configuration = client.Configuration()
-    config.load_kube_config_from_dict(
-        kubeconfig, context=context, client_configuration=configuration, persist_config=False
-    )
-    api = client.ApiClient(configuration)
+    api = new_api_client(kubeconfig, context)
     try:
         yield api
     finally:
@@ -58,3 +64,18 @@ def _established(crd: Any) -> bool:
     return any(
         c.type == "Established" and c.status == "True" for c in (crd.status.conditions or [])
     )
+
+
+def apply(api: client.ApiClient, manifests: list[dict[str, Any]], manager: str = "edgellm") -> None:
+    """Server-side applies each manifest: created when absent, brought to this shape otherwise."""
+    dynamic = DynamicClient(api)
+    for manifest in manifests:
+        resource = dynamic.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
+        dynamic.server_side_apply(
+            resource,
+            body=manifest,
+            name=manifest["metadata"]["name"],
+            namespace=manifest["metadata"].get("namespace"),
+            field_manager=manager,
+            force_conflicts=True,
+        )

@@ -7,19 +7,25 @@ EDGELLM_E2E_CLUSTERS to change how many (default 3, as the federation tests need
 
 import os
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
 from kubernetes import client
 
 from edgellm.api import KINDS, custom_resource_definition
-from edgellm.dev.cluster import LocalCluster
+from edgellm.dev.cluster import LocalCluster, free_port
 from edgellm.dev.federation import LocalFederation
 from edgellm.dev.tools import tool
-from edgellm.kube import api_client, install_crds
+from edgellm.federation.rbac import federation_manifests
+from edgellm.kube import api_client, apply, install_crds
+
+T = TypeVar("T")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -38,6 +44,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         for cluster in federation.clusters:
             with api_client(cluster.kubeconfig("admin")) as api:
                 install_crds(api, definitions)
+                apply(api, federation_manifests(cluster.name))
         yield federation
     finally:
         federation.down()
@@ -80,3 +87,123 @@ def manifest(kind: str, spec: dict[str, Any], name: str) -> dict[str, Any]:
     if kind == "InferenceRequest":
         metadata["namespace"] = "default"
     return {"apiVersion": "edgellm.io/v1alpha1", "kind": kind, "metadata": metadata, "spec": spec}
+
+
+def eventually(check: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Polls `check` until it returns something truthy, or fails saying what never happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"within {timeout:.0f}s: {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def cluster_kubeconfigs(
+    federation: LocalFederation, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """One admin kubeconfig file per cluster, for the CLI and the operators."""
+    directory = tmp_path_factory.mktemp("kubeconfigs")
+    files = {}
+    for cluster in federation.clusters:
+        path = directory / cluster.name
+        path.write_text(yaml.safe_dump(cluster.kubeconfig("admin")))
+        files[cluster.name] = path
+    return files
+
+
+def edgellm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgellm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@dataclass
+class OperatorProcess:
+    """`edgellm operator` for one cluster, with fast intervals for tests."""
+
+    cluster: str
+    kubeconfig: Path
+    log: Path
+    metrics_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "edgellm",
+                    "operator",
+                    f"--cluster={self.cluster}",
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--peer-removal-grace=8",
+                    "--sync-interval=1",
+                    f"--metrics-port={self.metrics_port}",
+                    "--verbose",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def operators(
+    federation: LocalFederation,
+    cluster_kubeconfigs: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, OperatorProcess]]:
+    logs = tmp_path_factory.mktemp("operator-logs")
+    running = {
+        name: OperatorProcess(name, kubeconfig, logs / f"{name}.log")
+        for name, kubeconfig in cluster_kubeconfigs.items()
+    }
+    for operator in running.values():
+        operator.start()
+    yield running
+    for operator in running.values():
+        operator.stop()
+
+
+@pytest.fixture(scope="session")
+def joined(
+    federation: LocalFederation,
+    cluster_kubeconfigs: dict[str, Path],
+    operators: dict[str, OperatorProcess],
+) -> LocalFederation:
+    """Every cluster joined through the first one: the operators must spread the rest."""
+    first, *others = [c.name for c in federation.clusters]
+    for name in others:
+        created = edgellm(
+            "federation", "token", "create", f"--kubeconfig={cluster_kubeconfigs[first]}"
+        )
+        assert created.returncode == 0, created.stderr
+        joined = edgellm(
+            "federation",
+            "join",
+            created.stdout.strip(),
+            f"--kubeconfig={cluster_kubeconfigs[name]}",
+        )
+        assert joined.returncode == 0, joined.stderr
+    return federation

@@ -89,7 +89,7 @@ def test_up_status_and_down_through_the_cli(workdir: Path) -> None:
     )
     assert up.returncode == 0, up.stderr
     assert f"export KUBECONFIG={workdir / 'kubeconfig'}" in up.stdout
-    assert "edge-1: CRDs installed" in up.stdout
+    assert "edge-1: CRDs installed, federation initialised" in up.stdout
     status = subprocess.run(
         [*EDGELLM, "dev", "status", "--workdir", str(workdir)],
         capture_output=True,

@@ -8,7 +8,8 @@ import yaml
 from typer.testing import CliRunner
 
 from edgellm.api import KINDS, crd_files, custom_resource_definition
-from edgellm.cli import DEFAULT_CRD_DIRS, app
+from edgellm.cli import app
+from edgellm.cli.resources import DEFAULT_CRD_DIRS
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -156,3 +156,37 @@ class LabelSelector(Model):
     """Labels a peer must carry with exactly these values."""
     match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list)
     """Further requirements on a peer's labels."""
+
+
+def set_condition(
+    conditions: list[Condition],
+    type_: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    now: datetime,
+    observed_generation: int | None = None,
+) -> tuple[list[Condition], bool]:
+    """Conditions with `type_` set; whether its status or reason changed.
+
+    As Kubernetes' meta.SetStatusCondition: lastTransitionTime moves only when status changes."""
+    current = next((c for c in conditions if c.type == type_), None)
+    changed = current is None or (current.status, current.reason) != (status, reason)
+    transition = (
+        now if current is None or current.status != status else current.last_transition_time
+    )
+    updated = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=transition,
+        observed_generation=observed_generation,
+    )
+    others = [c for c in conditions if c.type != type_]
+    return sorted([*others, updated], key=lambda c: c.type), changed
+
+
+def condition_status(conditions: list[Condition], type_: str) -> ConditionStatus:
+    """The status of one condition, Unknown when it is absent."""
+    return next((c.status for c in conditions if c.type == type_), "Unknown")

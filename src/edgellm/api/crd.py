@@ -16,6 +16,7 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
 from edgellm.api._common import GROUP, VERSION
+from edgellm.api.federationmember import FederationMemberSpec, FederationMemberStatus
 from edgellm.api.inferencerequest import InferenceRequestSpec, InferenceRequestStatus
 from edgellm.api.peernode import PeerNodeSpec, PeerNodeStatus
 
@@ -68,6 +69,21 @@ KINDS: tuple[ResourceKind, ...] = (
             PrinterColumn("Ready", '.status.conditions[?(@.type=="Ready")].status'),
             PrinterColumn("Roles", ".spec.roles"),
             PrinterColumn("Accelerators", ".spec.resources.accelerators[*].model"),
+            PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+        ),
+    ),
+    ResourceKind(
+        kind="FederationMember",
+        plural="federationmembers",
+        short_names=("member",),
+        scope="Cluster",
+        description="Another cluster of the federation, as this cluster reaches it.",
+        spec=FederationMemberSpec,
+        status=FederationMemberStatus,
+        columns=(
+            PrinterColumn("Server", ".spec.server"),
+            PrinterColumn("Reachable", '.status.conditions[?(@.type=="Reachable")].status'),
+            PrinterColumn("Mirrored", ".status.mirroredPeers", "integer", "Peers mirrored there"),
             PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
         ),
     ),

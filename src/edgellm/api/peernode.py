@@ -28,6 +28,9 @@ Backend = Literal["llamacpp", "vllm"]
 AcceleratorVendor = Literal["nvidia", "amd", "intel", "apple"]
 ModelFormat = Literal["gguf", "safetensors"]
 
+# On a mirrored PeerNode: the member cluster it was mirrored from (= its spec.cluster).
+ORIGIN_CLUSTER_LABEL = "edgellm.io/origin-cluster"
+
 # IPFS peer ids: base58 multihashes (Qm..., 12D3Koo...) or base36 CIDs (k51...).
 IPFS_PEER_ID_PATTERN = (
     r"^(Qm[1-9A-HJ-NP-Za-km-z]{44}|12D3KooW[1-9A-HJ-NP-Za-km-z]{44}|k51[0-9a-z]{59})$"

@@ -423,6 +423,18 @@ class LocalCluster:
             if pid is not None and _is_component(pid, component):
                 _terminate(pid)
 
+    def stop_component(self, component: str) -> None:
+        """Stops one component, as a crash or a partition would (fault tests use this)."""
+        pid = self.load_state().pids[component]
+        if _is_component(pid, component):
+            _terminate(pid)
+
+    def start_component(self, component: str, timeout: float = 120.0) -> None:
+        """Starts a stopped component again, on the same port and data."""
+        state = self.load_state()
+        self._start(component, state)
+        self._wait_healthy(component, state, time.monotonic() + timeout, lambda: False)
+
     def running_pids(self) -> dict[str, int]:
         state = self.load_state()
         return {c: pid for c, pid in state.pids.items() if _is_component(pid, c)}

@@ -1,0 +1,40 @@
+"""`edgellm operator`: the kopf operator of one member cluster."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgellm.cli._common import VerboseOption, configure_logging
+from edgellm.operator.app import run
+from edgellm.operator.settings import OperatorSettings
+
+
+def run_operator(
+    cluster: Annotated[str, typer.Option(help="This cluster's name in the federation.")],
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(envvar="KUBECONFIG", help="This cluster's kubeconfig (default: in-cluster)."),
+    ] = None,
+    peer_removal_grace: Annotated[
+        float, typer.Option(help="Seconds a peer with an expired heartbeat stays before removal.")
+    ] = 300.0,
+    sync_interval: Annotated[
+        float, typer.Option(help="Seconds between probes and mirror syncs of each member.")
+    ] = 5.0,
+    metrics_port: Annotated[
+        int, typer.Option(help="Prometheus /metrics port; 0 turns it off.")
+    ] = 9090,
+    verbose: VerboseOption = False,
+) -> None:
+    """Run the operator: peer health, Nodes as peers, federation membership and mirroring."""
+    configure_logging(verbose)
+    run(
+        OperatorSettings(
+            cluster=cluster,
+            kubeconfig=kubeconfig,
+            peer_removal_grace_seconds=peer_removal_grace,
+            sync_interval_seconds=sync_interval,
+            metrics_port=metrics_port,
+        )
+    )

@@ -1,0 +1,109 @@
+"""The namespaces, roles and bindings that scope what other members and join tokens may do.
+
+A member's credential here is a ServiceAccount in FEDERATION_NAMESPACE; a join token's is a
+ServiceAccount in JOIN_NAMESPACE. Roles are bound to those namespaces' ServiceAccount groups, so
+minting a credential is creating a ServiceAccount and deleting it revokes every token it issued.
+"""
+
+from typing import Any
+
+FEDERATION_NAMESPACE = "edgellm-federation"
+JOIN_NAMESPACE = "edgellm-join"
+MEMBERS_GROUP = f"system:serviceaccounts:{FEDERATION_NAMESPACE}"
+JOINERS_GROUP = f"system:serviceaccounts:{JOIN_NAMESPACE}"
+IDENTITY_CONFIGMAP = "identity"
+
+MEMBER_ROLE = "edgellm:federation-member"
+JOINER_ROLE = "edgellm:federation-joiner"
+CREDENTIALS_ROLE = "edgellm:federation-credentials"
+
+
+def member_service_account(member: str) -> str:
+    """The ServiceAccount, in this cluster, whose tokens `member` uses to reach this cluster."""
+    return f"member-{member}"
+
+
+def credentials_secret(member: str) -> str:
+    """The Secret, in this cluster, holding this cluster's token for reaching `member`."""
+    return f"credentials-{member}"
+
+
+def _rule(group: str, resources: list[str], verbs: list[str]) -> dict[str, Any]:
+    return {"apiGroups": [group], "resources": resources, "verbs": verbs}
+
+
+def _binding(kind: str, name: str, role_kind: str, role: str, group: str) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name}
+    if kind == "RoleBinding":
+        metadata["namespace"] = FEDERATION_NAMESPACE
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": kind,
+        "metadata": metadata,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}],
+    }
+
+
+def federation_manifests(cluster: str) -> list[dict[str, Any]]:
+    """Everything a cluster needs before it can join or be joined, identity included."""
+    namespaces = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        for name in (FEDERATION_NAMESPACE, JOIN_NAMESPACE)
+    ]
+    member_role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": MEMBER_ROLE},
+        "rules": [
+            # Mirror the member's own peers here; an admission policy keeps it to those.
+            _rule(
+                "edgellm.io",
+                ["peernodes"],
+                ["get", "list", "watch", "create", "update", "patch", "delete"],
+            ),
+            _rule("edgellm.io", ["peernodes/status"], ["get", "update", "patch"]),
+            # Learn this cluster's members and introduce new ones to it.
+            _rule("edgellm.io", ["federationmembers"], ["get", "list", "create"]),
+        ],
+    }
+    joiner_role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": JOINER_ROLE},
+        # Register the joining cluster, nothing else.
+        "rules": [_rule("edgellm.io", ["federationmembers"], ["get", "create"])],
+    }
+    credentials_role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": CREDENTIALS_ROLE, "namespace": FEDERATION_NAMESPACE},
+        "rules": [
+            # Mint a credential for a member being introduced (a ServiceAccount and its token).
+            _rule("", ["serviceaccounts"], ["get", "create"]),
+            _rule("", ["serviceaccounts/token"], ["create"]),
+            # Hand this cluster a credential for that member: write-only, never read back.
+            _rule("", ["secrets"], ["create", "update"]),
+        ],
+    }
+    identity = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": IDENTITY_CONFIGMAP, "namespace": FEDERATION_NAMESPACE},
+        "data": {"cluster": cluster},
+    }
+    return [
+        *namespaces,
+        member_role,
+        joiner_role,
+        credentials_role,
+        _binding("ClusterRoleBinding", MEMBER_ROLE, "ClusterRole", MEMBER_ROLE, MEMBERS_GROUP),
+        _binding("ClusterRoleBinding", JOINER_ROLE, "ClusterRole", JOINER_ROLE, JOINERS_GROUP),
+        _binding(
+            "RoleBinding", f"{CREDENTIALS_ROLE}-members", "Role", CREDENTIALS_ROLE, MEMBERS_GROUP
+        ),
+        _binding(
+            "RoleBinding", f"{CREDENTIALS_ROLE}-joiners", "Role", CREDENTIALS_ROLE, JOINERS_GROUP
+        ),
+        identity,
+    ]

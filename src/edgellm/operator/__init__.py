@@ -1,0 +1,1 @@
+"""The kopf operator: thin handlers over plain functions (peer health, node peers, federation)."""

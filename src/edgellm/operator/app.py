@@ -1,0 +1,97 @@
+"""The kopf registry of EdgeLLM's operator, and how to run it.
+
+Handlers stay thin: they hand watch events and timers to the `Runtime`, which holds the logic's
+state. Nothing registers at import time: `build_registry(settings)` returns a fresh registry.
+"""
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+import yaml
+from kubernetes import client, config
+from prometheus_client import start_http_server
+
+from edgellm.kube import new_api_client
+from edgellm.operator.metrics import OperatorMetrics
+from edgellm.operator.nodepeers import NODE_PEER_LABEL
+from edgellm.operator.runtime import Runtime
+from edgellm.operator.settings import OperatorSettings
+
+RUNTIME = "runtime"
+
+
+def build_registry(
+    operator_settings: OperatorSettings, metrics: OperatorMetrics
+) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A fresh registry has none of kopf's implicit login handlers: KUBECONFIG, else the pod's.
+        if os.environ.get("KUBECONFIG"):
+            return kopf.login_with_kubeconfig(**kwargs)
+        return kopf.login_with_service_account(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = logging.WARNING  # our Events are explicit; no log chatter
+        settings.watching.server_timeout = 60
+        memo[RUNTIME] = runtime = Runtime(operator_settings, _local_client(), metrics)
+        runtime.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop(memo: kopf.Memo, **_: Any) -> None:
+        runtime: Runtime = memo[RUNTIME]
+        await runtime.stop()
+        runtime.local.close()
+
+    @kopf.on.event("edgellm.io", "v1alpha1", "peernodes", registry=registry)
+    def peer_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo[RUNTIME].on_peer_event(event["type"], dict(event["object"]))
+
+    @kopf.timer(
+        "",
+        "v1",
+        "nodes",
+        labels={NODE_PEER_LABEL: "true"},
+        interval=operator_settings.node_interval_seconds,
+        registry=registry,
+    )
+    async def node_peer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await asyncio.to_thread(memo[RUNTIME].sync_node, _plain(body))
+
+    return registry
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return {key: body[key] for key in body}
+
+
+def _local_client() -> client.ApiClient:
+    """The same credentials kopf logs in with: the kubeconfig, else the pod's ServiceAccount."""
+    if os.environ.get("KUBECONFIG"):
+        with open(os.environ["KUBECONFIG"]) as f:
+            return new_api_client(yaml.safe_load(f))
+    config.load_incluster_config()
+    return client.ApiClient()
+
+
+def run(settings: OperatorSettings) -> None:
+    """Runs the operator until interrupted."""
+    if settings.kubeconfig:
+        os.environ["KUBECONFIG"] = str(settings.kubeconfig)  # read by kopf's login and ours
+    metrics = OperatorMetrics()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=metrics.registry)
+    registry = build_registry(settings, metrics)
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            clusterwide=True,
+            standalone=True,
+            memo=kopf.Memo(),
+        )
+    )

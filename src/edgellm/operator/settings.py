@@ -1,0 +1,24 @@
+"""The operator's settings, from `edgellm operator` options; defaults suit a home-lab cluster."""
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+class OperatorSettings(BaseModel):
+    cluster: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """This cluster's name in the federation (as `edgellm federation init` recorded it)."""
+    kubeconfig: Path | None = None
+    """Kubeconfig of this cluster; None inside a pod (in-cluster credentials)."""
+    health_interval_seconds: float = Field(default=2.0, gt=0)
+    """How often peers' heartbeats are checked."""
+    peer_removal_grace_seconds: float = Field(default=300.0, ge=0)
+    """How long a peer stays, not Ready, after its heartbeat expired, before it is deleted."""
+    sync_interval_seconds: float = Field(default=5.0, gt=0)
+    """How often each member is probed and its mirrors reconciled, changes or not."""
+    member_timeout_seconds: float = Field(default=5.0, gt=0)
+    """How long a call to another member may take before it counts as unreachable."""
+    node_interval_seconds: float = Field(default=10.0, gt=0)
+    """How often labelled Nodes are turned into PeerNodes and their heartbeats copied."""
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    """Port of the Prometheus /metrics endpoint; 0 turns it off."""

@@ -1,0 +1,1 @@
+"""Worker runtime: joining the federation, backends, KV events."""

@@ -1,0 +1,102 @@
+"""A machine joining and leaving the federation as a peer.
+
+`edgellm join` registers this machine's `PeerNode` in one member cluster and heartbeats until it
+is stopped; the operators mirror the peer to every other member. `edgellm leave` drains it: no
+new requests, the running ones waited for up to a deadline, then the PeerNode is deleted (and
+its mirrors withdrawn by the operators).
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+
+from edgellm.api import ORIGIN_CLUSTER_LABEL, PeerLoad, PeerNode, PeerNodeSpec
+from edgellm.api.inferencerequest import TERMINAL_PHASES
+
+logger = logging.getLogger(__name__)
+
+GROUP, VERSION, PEERS = "edgellm.io", "v1alpha1", "peernodes"
+
+
+def register(api: client.ApiClient, name: str, spec: PeerNodeSpec) -> None:
+    """Creates this machine's PeerNode, or brings an existing one to `spec`."""
+    peer = PeerNode.model_validate(
+        {"metadata": {"name": name, "labels": {ORIGIN_CLUSTER_LABEL: spec.cluster}}, "spec": spec}
+    ).to_wire()
+    del peer["status"]
+    objects = client.CustomObjectsApi(api)
+    try:
+        objects.create_cluster_custom_object(GROUP, VERSION, PEERS, peer)
+    except client.ApiException as e:
+        if e.status != 409:
+            raise
+        objects.patch_cluster_custom_object(GROUP, VERSION, PEERS, name, {"spec": peer["spec"]})
+
+
+def heartbeat(api: client.ApiClient, name: str, load: PeerLoad) -> None:
+    status = {"lastHeartbeatTime": datetime.now(UTC).isoformat(), "load": load.to_wire()}
+    client.CustomObjectsApi(api).patch_cluster_custom_object_status(
+        GROUP, VERSION, PEERS, name, {"status": status}
+    )
+
+
+def heartbeat_until(
+    api: client.ApiClient, name: str, interval: float, stop: threading.Event
+) -> None:
+    """Heartbeats every `interval` seconds until `stop` is set; a failed beat is retried."""
+    while not stop.is_set():
+        try:
+            heartbeat(api, name, PeerLoad())
+        except (client.ApiException, OSError) as e:
+            logger.warning("heartbeat failed, retrying: %s", e)
+        stop.wait(interval)
+
+
+def in_flight_requests(api: client.ApiClient, name: str) -> list[str]:
+    """`namespace/name` of every unfinished InferenceRequest assigned to the peer."""
+    requests = client.CustomObjectsApi(api).list_cluster_custom_object(
+        GROUP, VERSION, "inferencerequests"
+    )["items"]
+    return sorted(
+        f"{r['metadata']['namespace']}/{r['metadata']['name']}"
+        for r in requests
+        if _assigned_to(r, name) and r.get("status", {}).get("phase") not in TERMINAL_PHASES
+    )
+
+
+def _assigned_to(request: dict[str, Any], name: str) -> bool:
+    assignment = request.get("status", {}).get("assignment", {})
+    return name in (assignment.get("prefillPeer"), assignment.get("decodePeer"))
+
+
+@dataclass(frozen=True)
+class Departure:
+    waited_seconds: float
+    abandoned: list[str]  # requests still running at the deadline
+
+
+def leave(
+    api: client.ApiClient, name: str, deadline_seconds: float, poll: float = 1.0
+) -> Departure:
+    """Drains the peer, waits for its requests up to the deadline, and deletes it."""
+    objects = client.CustomObjectsApi(api)
+    objects.patch_cluster_custom_object(
+        GROUP, VERSION, PEERS, name, {"spec": {"unschedulable": True}}
+    )
+    started = time.monotonic()
+    while (
+        running := in_flight_requests(api, name)
+    ) and time.monotonic() - started < deadline_seconds:
+        logger.info("waiting for %d request(s) on %s: %s", len(running), name, ", ".join(running))
+        time.sleep(poll)
+    try:
+        objects.delete_cluster_custom_object(GROUP, VERSION, PEERS, name)
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
+    return Departure(time.monotonic() - started, running)
