@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup tools demo down test lint crds clean
+.PHONY: setup tools demo down test lint crds bench bench-smoke clean
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ lint: setup  ## the static checks alone
 
 crds: setup  ## regenerate crds/ and the chart's CRDs from the API models
 	$(BIN)/edgellm crds
+
+bench: setup tools  ## benchmarks at full size; figures in bench-results/
+	$(BIN)/python benchmarks/federation.py --peers 1000 --out bench-results/federation.json
+
+bench-smoke: setup tools  ## the benchmarks at a size that takes a minute
+	$(BIN)/python benchmarks/federation.py --peers 120 --out bench-results/federation-smoke.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

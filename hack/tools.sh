@@ -91,6 +91,13 @@ download() ( # tool version out log; a subshell, so that its EXIT trap cleans up
   chmod +x "$out"
 )
 
+go_install() { # package@version, version variable=value, out: a plain `go install`, moved to out
+  local gobin
+  gobin=$(mktemp -d)
+  GOBIN=$gobin GOFLAGS= go install -trimpath -ldflags "-s -w -X $2" "$1" &&
+    mv "$gobin"/* "$3" && rmdir "$gobin"
+}
+
 build() { # tool version out log
   local tool=$1 v=$2 out=$3 log=$4
   case $tool in
@@ -104,11 +111,7 @@ build() { # tool version out log
     ipfs)
       (cd "$HACK_DIR/tools/kubo" && go build -trimpath -ldflags "-s -w" -o "$out" github.com/ipfs/kubo/cmd/ipfs) ;;
     kwok)
-      local gobin
-      gobin=$(mktemp -d)
-      GOBIN=$gobin GOFLAGS= go install -trimpath \
-        -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" "sigs.k8s.io/kwok/cmd/kwok@$v" &&
-        mv "$gobin/kwok" "$out" && rmdir "$gobin" ;;
+      go_install "sigs.k8s.io/kwok/cmd/kwok@$v" "sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" "$out" ;;
     kwok-stages.yaml)
       local dir
       dir=$(GOFLAGS= go mod download -json "sigs.k8s.io/kwok@$v" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
@@ -117,11 +120,7 @@ build() { # tool version out log
         cat "$dir/kustomize/stage/$stage"
       done >"$out" ;;
     helm)
-      local gobin
-      gobin=$(mktemp -d)
-      GOBIN=$gobin GOFLAGS= go install -trimpath \
-        -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$v" "helm.sh/helm/v3/cmd/helm@$v" &&
-        mv "$gobin/helm" "$out" && rmdir "$gobin" ;;
+      go_install "helm.sh/helm/v3/cmd/helm@$v" "helm.sh/helm/v3/internal/version.version=$v" "$out" ;;
   esac >>"$log" 2>&1
 }
 

@@ -1,11 +1,10 @@
 """Real local clusters for the end-to-end tests, started once per test session.
 
 Each cluster is a real etcd, kube-apiserver, kube-controller-manager, kube-scheduler and KWOK
-controller from the pinned binaries (hack/tools.sh), with EdgeLLM's CRDs installed. Set
-EDGELLM_E2E_CLUSTERS to change how many (default 3, as the federation tests need).
+controller from the pinned binaries (hack/tools.sh), with EdgeLLM's CRDs and federation roles
+installed; three of them, as the federation tests need.
 """
 
-import os
 import subprocess
 import sys
 import time
@@ -37,8 +36,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     federation = LocalFederation(tmp_path_factory.mktemp("federation"))
-    count = int(os.environ.get("EDGELLM_E2E_CLUSTERS", "3"))
-    federation.up(count, progress=lambda line: None)
+    federation.up(3, progress=lambda line: None)
     try:
         definitions = [custom_resource_definition(k) for k in KINDS]
         for cluster in federation.clusters:

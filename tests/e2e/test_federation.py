@@ -52,6 +52,22 @@ def _everywhere(federation: LocalFederation, check: Any) -> bool:
     return all(check(cluster) for cluster in federation.clusters)
 
 
+def _until_everywhere(federation: LocalFederation, name: str, type_: str, status: str) -> None:
+    eventually(
+        lambda: _everywhere(federation, lambda c: _condition(_peer(c, name), type_) == status),
+        SYNC,
+        f"{name} has {type_}={status} in every cluster",
+    )
+
+
+def _until_gone_everywhere(federation: LocalFederation, name: str) -> None:
+    eventually(
+        lambda: _everywhere(federation, lambda c: _peer(c, name) is None),
+        SYNC,
+        f"{name} is gone from every cluster",
+    )
+
+
 def _members(cluster: LocalCluster) -> set[str]:
     with api_client(cluster.kubeconfig("admin")) as api:
         items = client.CustomObjectsApi(api).list_cluster_custom_object(
@@ -107,13 +123,7 @@ def test_a_joined_peer_is_ready_in_every_cluster(
     joined: LocalFederation, peer_process: Any
 ) -> None:
     peer_process("edge-2", "edge-2-laptop")
-    eventually(
-        lambda: _everywhere(
-            joined, lambda c: _condition(_peer(c, "edge-2-laptop"), "Ready") == "True"
-        ),
-        SYNC,
-        "edge-2-laptop is Ready in all three clusters",
-    )
+    _until_everywhere(joined, "edge-2-laptop", "Ready", "True")
     mirror = _peer(joined.clusters[0], "edge-2-laptop")
     assert mirror is not None
     assert mirror["metadata"]["labels"]["edgellm.io/origin-cluster"] == "edge-2"
@@ -121,13 +131,7 @@ def test_a_joined_peer_is_ready_in_every_cluster(
 
 
 def test_labelled_nodes_become_peers_seen_everywhere(joined: LocalFederation) -> None:
-    eventually(
-        lambda: _everywhere(
-            joined, lambda c: _condition(_peer(c, "edge-1-gpu-0"), "Ready") == "True"
-        ),
-        SYNC,
-        "the KWOK node edge-1-gpu-0 is a Ready peer in all three clusters",
-    )
+    _until_everywhere(joined, "edge-1-gpu-0", "Ready", "True")
     peer = _peer(joined.clusters[2], "edge-1-gpu-0")
     assert peer is not None
     accelerators = peer["spec"]["resources"]["accelerators"]
@@ -176,13 +180,7 @@ def test_leave_waits_for_a_request_in_flight_then_removes_the_peer_everywhere(
             stderr=subprocess.PIPE,
             text=True,
         )
-        eventually(
-            lambda: _everywhere(
-                joined, lambda c: _condition(_peer(c, "edge-3-desktop"), "Draining") == "True"
-            ),
-            SYNC,
-            "edge-3-desktop is Draining everywhere while its request runs",
-        )
+        _until_everywhere(joined, "edge-3-desktop", "Draining", "True")
         assert leaving.poll() is None, "leave must wait for the request in flight"
         objects.patch_namespaced_custom_object_status(
             GROUP,
@@ -195,41 +193,21 @@ def test_leave_waits_for_a_request_in_flight_then_removes_the_peer_everywhere(
     out, err = leaving.communicate(timeout=60)
     assert leaving.returncode == 0, err
     assert "no request was cut short" in out
-    eventually(
-        lambda: _everywhere(joined, lambda c: _peer(c, "edge-3-desktop") is None),
-        SYNC,
-        "edge-3-desktop is gone from every cluster",
-    )
+    _until_gone_everywhere(joined, "edge-3-desktop")
 
 
 def test_a_peer_whose_heartbeat_stops_goes_not_ready_then_is_removed_everywhere(
     joined: LocalFederation, peer_process: Any
 ) -> None:
     process = peer_process("edge-1", "edge-1-crashy", ttl=5)
-    eventually(
-        lambda: _everywhere(
-            joined, lambda c: _condition(_peer(c, "edge-1-crashy"), "Ready") == "True"
-        ),
-        SYNC,
-        "edge-1-crashy is Ready everywhere",
-    )
+    _until_everywhere(joined, "edge-1-crashy", "Ready", "True")
     process.send_signal(signal.SIGKILL)
     process.wait()
-    eventually(
-        lambda: _everywhere(
-            joined, lambda c: _condition(_peer(c, "edge-1-crashy"), "Ready") == "False"
-        ),
-        SYNC,
-        "edge-1-crashy goes not Ready everywhere after its heartbeat stops",
-    )
+    _until_everywhere(joined, "edge-1-crashy", "Ready", "False")
     expired = _peer(joined.clusters[0], "edge-1-crashy")
     reasons = {c["type"]: c["reason"] for c in expired["status"]["conditions"]} if expired else {}
     assert reasons.get("Ready") == "HeartbeatExpired"
-    eventually(
-        lambda: _everywhere(joined, lambda c: _peer(c, "edge-1-crashy") is None),
-        SYNC,
-        "edge-1-crashy is removed everywhere after the grace period",
-    )
+    _until_gone_everywhere(joined, "edge-1-crashy")
 
 
 def test_a_cluster_whose_apiserver_stops_is_routed_around_and_heals(
@@ -237,13 +215,7 @@ def test_a_cluster_whose_apiserver_stops_is_routed_around_and_heals(
 ) -> None:
     edge1, edge2, edge3 = joined.clusters
     peer_process("edge-3", "edge-3-server", ttl=30)
-    eventually(
-        lambda: _everywhere(
-            joined, lambda c: _condition(_peer(c, "edge-3-server"), "Ready") == "True"
-        ),
-        SYNC,
-        "edge-3-server is Ready everywhere",
-    )
+    _until_everywhere(joined, "edge-3-server", "Ready", "True")
     edge3.stop_component("kube-apiserver")
     try:
         for cluster in (edge1, edge2):
