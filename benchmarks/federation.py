@@ -77,6 +77,8 @@ def run(peers: int, node_share: float, timeout: float, workdir: Path) -> dict[st
             path = workdir / f"{cluster.name}.kubeconfig"
             path.write_text(yaml.safe_dump(cluster.kubeconfig("admin")))
             kubeconfigs[cluster.name] = path
+            identity = cluster.kubeconfig("operator")
+            (workdir / f"{cluster.name}-operator.kubeconfig").write_text(yaml.safe_dump(identity))
         names = list(kubeconfigs)
         for name in names[1:]:
             token = subprocess.run(

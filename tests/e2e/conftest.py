@@ -103,7 +103,7 @@ def eventually(check: Callable[[], T | None], timeout: float, what: str) -> T:
 def cluster_kubeconfigs(
     federation: LocalFederation, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
-    """One admin kubeconfig file per cluster, for the CLI and the operators."""
+    """One admin kubeconfig file per cluster, for the CLI."""
     directory = tmp_path_factory.mktemp("kubeconfigs")
     files = {}
     for cluster in federation.clusters:
@@ -169,14 +169,17 @@ class OperatorProcess:
 @pytest.fixture(scope="session")
 def operators(
     federation: LocalFederation,
-    cluster_kubeconfigs: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, OperatorProcess]]:
     logs = tmp_path_factory.mktemp("operator-logs")
-    running = {
-        name: OperatorProcess(name, kubeconfig, logs / f"{name}.log")
-        for name, kubeconfig in cluster_kubeconfigs.items()
-    }
+    directory = tmp_path_factory.mktemp("operator-kubeconfigs")
+    running = {}
+    for cluster in federation.clusters:
+        kubeconfig = directory / cluster.name
+        kubeconfig.write_text(yaml.safe_dump(cluster.kubeconfig("operator")))
+        running[cluster.name] = OperatorProcess(
+            cluster.name, kubeconfig, logs / f"{cluster.name}.log"
+        )
     for operator in running.values():
         operator.start()
     yield running

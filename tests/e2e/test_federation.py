@@ -324,16 +324,9 @@ def test_a_wrong_or_revoked_join_token_is_refused_and_creates_nothing(
 
 
 def test_a_member_credential_is_scoped(joined: LocalFederation) -> None:
-    edge1, edge2 = joined.clusters[:2]
-    with api_client(edge1.kubeconfig("admin")) as api:
-        secret = client.CoreV1Api(api).read_namespaced_secret(
-            "credentials-edge-2", "edgellm-federation"
-        )
-    token = base64.b64decode(secret.data["token"]).decode()
-    ca_bundle = base64.b64encode((edge2.pki_dir / "ca.crt").read_bytes()).decode()
-    endpoint = Endpoint(cluster="edge-2", server=edge2.server, ca_bundle=ca_bundle)
+    edge2 = joined.clusters[1]
     # edge-1's credential for edge-2 mirrors peers there, but reads no secret, deletes nothing else.
-    with api_client(token_kubeconfig(endpoint, token)) as api:
+    with api_client(_as_member(joined, "edge-1", edge2)) as api:
         client.CustomObjectsApi(api).list_cluster_custom_object(GROUP, VERSION, "peernodes")
         core = client.CoreV1Api(api)
         with pytest.raises(client.ApiException) as reading:
@@ -409,3 +402,49 @@ def test_the_operator_exports_peers_by_cluster_and_state(
         return 0.0
 
     assert eventually(ready_edge1_peers, SYNC, "edge-2's operator counts edge-1's ready peers") >= 3
+
+
+def _as_member(joined: LocalFederation, member: str, target: LocalCluster) -> dict[str, Any]:
+    """A kubeconfig for `target` with the credential `member` holds for it."""
+    holder = next(c for c in joined.clusters if c.name == member)
+    with api_client(holder.kubeconfig("admin")) as api:
+        secret = client.CoreV1Api(api).read_namespaced_secret(
+            f"credentials-{target.name}", "edgellm-federation"
+        )
+    token = base64.b64decode(secret.data["token"]).decode()
+    ca_bundle = base64.b64encode((target.pki_dir / "ca.crt").read_bytes()).decode()
+    return token_kubeconfig(
+        Endpoint(cluster=target.name, server=target.server, ca_bundle=ca_bundle), token
+    )
+
+
+def test_mirrors_are_read_only_outside_their_own_cluster(joined: LocalFederation) -> None:
+    edge1 = joined.clusters[0]
+    _until_everywhere(joined, "edge-2-cpu-0", "Ready", "True")
+    with api_client(edge1.kubeconfig("admin")) as api, pytest.raises(client.ApiException) as edit:
+        client.CustomObjectsApi(api).patch_cluster_custom_object(
+            GROUP, VERSION, "peernodes", "edge-2-cpu-0", {"spec": {"unschedulable": True}}
+        )
+    assert "read-only mirror of a peer of edge-2: change it in that cluster" in edit.value.body
+    forged = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "PeerNode",
+        "metadata": {"name": "edge-3-forged"},
+        "spec": {
+            "cluster": "edge-3",
+            "endpoint": "http://127.0.0.1:8603",
+            "roles": ["decode"],
+            "backends": ["llamacpp"],
+            "resources": {"cpu": 1, "memory": "1Gi"},
+        },
+    }
+    with (
+        api_client(_as_member(joined, "edge-2", edge1)) as api,
+        pytest.raises(client.ApiException) as forge,
+    ):
+        client.CustomObjectsApi(api).create_cluster_custom_object(
+            GROUP, VERSION, "peernodes", forged
+        )
+    assert (
+        "member edge-2 may only write mirrors of its own peers, not of edge-3" in forge.value.body
+    )

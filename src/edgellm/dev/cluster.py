@@ -195,6 +195,8 @@ class LocalCluster:
             )
         identities = {
             "admin": ("edgellm-admin", ("system:masters",)),
+            # EdgeLLM's operator, as the chart's ServiceAccount would be (see federation/rbac).
+            "operator": ("edgellm-operator", ("system:masters", "edgellm:operators")),
             "kube-controller-manager": ("system:kube-controller-manager", ()),
             "kube-scheduler": ("system:kube-scheduler", ()),
             # KWOK stands in for every kubelet and node lifecycle; it needs cluster-wide writes.

@@ -13,6 +13,10 @@ MEMBERS_GROUP = f"system:serviceaccounts:{FEDERATION_NAMESPACE}"
 JOINERS_GROUP = f"system:serviceaccounts:{JOIN_NAMESPACE}"
 IDENTITY_CONFIGMAP = "identity"
 
+OPERATORS_GROUP = "edgellm:operators"
+OPERATOR_SERVICE_ACCOUNT = "system:serviceaccount:edgellm-system:edgellm-operator"
+MIRROR_POLICY = "edgellm-peer-mirrors"
+
 MEMBER_ROLE = "edgellm:federation-member"
 JOINER_ROLE = "edgellm:federation-joiner"
 CREDENTIALS_ROLE = "edgellm:federation-credentials"
@@ -94,6 +98,7 @@ def federation_manifests(cluster: str) -> list[dict[str, Any]]:
     }
     return [
         *namespaces,
+        *mirror_policy(),
         member_role,
         joiner_role,
         credentials_role,
@@ -107,3 +112,74 @@ def federation_manifests(cluster: str) -> list[dict[str, Any]]:
         ),
         identity,
     ]
+
+
+def mirror_policy() -> list[dict[str, Any]]:
+    """An admission policy that makes mirrors read-only: a member may write only the mirrors of
+    its own peers, and nobody else may write a PeerNode of another cluster, except this
+    cluster's operator marking mirrors unreachable (their status)."""
+    member_prefix = f"system:serviceaccount:{FEDERATION_NAMESPACE}:member-"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": MIRROR_POLICY},
+        "spec": {
+            "failurePolicy": "Fail",
+            "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["edgellm.io"],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE", "DELETE"],
+                        "resources": ["peernodes", "peernodes/status"],
+                    }
+                ]
+            },
+            "variables": [
+                {
+                    "name": "owner",
+                    "expression": "(request.operation == 'DELETE' ? oldObject : object)"
+                    ".spec.cluster",
+                },
+                {
+                    "name": "member",
+                    "expression": f"request.userInfo.username.startsWith('{member_prefix}') ?"
+                    f" request.userInfo.username.substring({len(member_prefix)}) : ''",
+                },
+                {
+                    "name": "operator",
+                    "expression": f"'{OPERATORS_GROUP}' in request.userInfo.groups ||"
+                    f" request.userInfo.username == '{OPERATOR_SERVICE_ACCOUNT}'",
+                },
+            ],
+            "validations": [
+                {
+                    "expression": "variables.member == '' || variables.owner == variables.member",
+                    "messageExpression": "'member ' + variables.member + ' may only write"
+                    " mirrors of its own peers, not of ' + variables.owner",
+                },
+                {
+                    "expression": "variables.member != '' || variables.owner == params.data.cluster"
+                    " || (variables.operator && request.subResource == 'status')",
+                    "messageExpression": "'this PeerNode is a read-only mirror of a peer of '"
+                    " + variables.owner + ': change it in that cluster'",
+                },
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": MIRROR_POLICY},
+        "spec": {
+            "policyName": MIRROR_POLICY,
+            "validationActions": ["Deny"],
+            "paramRef": {
+                "name": IDENTITY_CONFIGMAP,
+                "namespace": FEDERATION_NAMESPACE,
+                "parameterNotFoundAction": "Deny",
+            },
+        },
+    }
+    return [policy, binding]
