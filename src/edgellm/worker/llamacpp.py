@@ -1,0 +1,128 @@
+"""The llama.cpp backend: one GGUF model in one llama.cpp context, through llama-cpp-python.
+
+The worker's HTTP layer (`server.py`) calls `generate`, which yields tokens as llama.cpp samples
+them, so a client sees the first token as soon as it exists and a cancelled request stops
+generating at the next token. llama-cpp-python's `Llama` is not safe across threads, so requests
+take turns on the context (the library has no continuous batching); prompts that share a prefix
+with the previous one reuse its KV cache.
+"""
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from jinja2 import Template  # the engine of chat templates, as in llama.cpp's own server
+from llama_cpp import Llama
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One generated token's text; the last piece of a generation carries the finish reason."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    first_token_seconds: float | None = None
+
+
+class PromptTooLongError(ValueError):
+    """The prompt plus max_tokens does not fit the model's context."""
+
+
+class LlamaCppBackend:
+    def __init__(self, model: Path, context: int = 0, threads: int | None = None) -> None:
+        self.model_path = model
+        self._llama = Llama(
+            model_path=str(model),
+            n_ctx=context,  # 0: the model's own context length
+            n_threads=threads,
+            verbose=False,
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def context(self) -> int:
+        return int(self._llama.n_ctx())
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._llama.tokenize(text.encode(), add_bos=True, special=True))
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of a chat, from the model's own chat template."""
+        template = self._llama.metadata.get("tokenizer.chat_template", "")
+        return str(Template(template).render(messages=messages, add_generation_prompt=True))
+
+    def generate(
+        self, prompt: str, sampling: Sampling, usage: Usage, cancelled: threading.Event
+    ) -> Iterator[Piece]:
+        """Yields the generated text token by token; `usage` is filled as it goes."""
+        tokens = self.tokenize(prompt)
+        if len(tokens) + sampling.max_tokens > self.context:
+            raise PromptTooLongError(
+                f"the prompt has {len(tokens)} tokens and maxTokens is {sampling.max_tokens}:"
+                f" more than the model's context of {self.context}"
+            )
+        usage.prompt_tokens = len(tokens)
+        started = time.monotonic()
+        with self._lock:
+            usage.cached_tokens = _common_prefix(
+                list(self._llama.input_ids[: self._llama.n_tokens]), tokens
+            )
+            # llama-cpp-python streams one chunk per sampled token; the last carries the reason.
+            stream: Iterator[Any] = self._llama.create_completion(  # type: ignore[assignment]
+                tokens,
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=sampling.seed,
+                stop=list(sampling.stop) or None,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                stream=True,
+            )
+            for chunk in stream:
+                if cancelled.is_set():
+                    yield Piece("", "cancelled")
+                    return
+                choice = chunk["choices"][0]
+                if usage.first_token_seconds is None:
+                    usage.first_token_seconds = time.monotonic() - started
+                reason = choice["finish_reason"]
+                if reason is None:
+                    usage.completion_tokens += 1
+                    yield Piece(choice["text"])
+                else:
+                    yield Piece(choice["text"], "length" if reason == "length" else "stop")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count

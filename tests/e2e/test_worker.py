@@ -1,0 +1,127 @@
+"""`edgellm worker` serving the generated model with real llama.cpp, over real HTTP."""
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from edgellm.dev.cluster import free_port
+from edgellm.worker.models import TINY, write_model
+from tests.e2e.conftest import eventually
+
+CHAT = {"messages": [{"role": "user", "content": "Why pool home GPUs?"}]}
+GREEDY = {"maxTokens": 16, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    model = write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgellm", "worker", f"--model={model}", f"--port={port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return process.poll() is None and False
+
+    eventually(healthy, 60, "the worker answers /healthz")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_health_names_the_model_and_its_context(worker: str) -> None:
+    assert httpx.get(f"{worker}/healthz").json() == {
+        "model": "tiny-random",
+        "context": TINY.context,
+        "running": 0,
+    }
+
+
+def test_a_chat_is_answered_with_usage_and_repeats_at_temperature_zero(worker: str) -> None:
+    first = httpx.post(
+        f"{worker}/v1/generate", json={**CHAT, "sampling": GREEDY}, timeout=60
+    ).json()
+    again = httpx.post(
+        f"{worker}/v1/generate", json={**CHAT, "sampling": GREEDY}, timeout=60
+    ).json()
+    assert first["text"]
+    assert first["text"] == again["text"]
+    assert first["finishReason"] == "length"
+    assert first["usage"]["completionTokens"] == 16
+    assert first["usage"]["promptTokens"] > 5
+    assert again["usage"]["cachedTokens"] >= first["usage"]["promptTokens"] - 1, "prefix reused"
+
+
+def test_streaming_yields_the_same_text_token_by_token(worker: str) -> None:
+    whole = httpx.post(
+        f"{worker}/v1/generate", json={**CHAT, "sampling": GREEDY}, timeout=60
+    ).json()
+    texts, summary = [], {}
+    body = {**CHAT, "sampling": GREEDY, "stream": True}
+    with httpx.stream("POST", f"{worker}/v1/generate", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if "text" in event:
+                texts.append(event["text"])
+            else:
+                summary = event
+    assert len(texts) > 1
+    assert "".join(texts) == whole["text"]
+    assert summary["finishReason"] == "length"
+
+
+def test_a_cancelled_generation_stops_early(worker: str) -> None:
+    # The tiny model is fast: cancel as soon as the first token arrives, with room left.
+    body = {"id": "cancel-me", "prompt": "hello", "sampling": {"maxTokens": 2000}, "stream": True}
+    received: list[str] = []
+    cancel_sent = threading.Event()
+    with httpx.stream("POST", f"{worker}/v1/generate", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            received.append(line)
+            if line.startswith("data: ") and not cancel_sent.is_set():
+                assert httpx.delete(f"{worker}/v1/generate/cancel-me").status_code == 204
+                cancel_sent.set()
+    summaries = [json.loads(x[6:]) for x in received if x.startswith('data: {"finishReason')]
+    assert summaries[0]["finishReason"] == "cancelled"
+    assert summaries[0]["usage"]["completionTokens"] < 2000
+    assert httpx.delete(f"{worker}/v1/generate/cancel-me").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"prompt": "x", "sampling": {"maxTokens": 4000}}, "more than the model's context of 2048"),
+        ({"sampling": {}}, "exactly one of prompt or messages must be set"),
+        ({"prompt": "x", "sampling": {"temperature": 9}}, "less than or equal to 2"),
+        ({"prompt": "x", "promt": "typo"}, "promt"),
+    ],
+    ids=["too-long", "no-prompt", "temperature", "unknown-field"],
+)
+def test_bad_requests_get_an_openai_style_error(
+    worker: str, body: dict[str, object], message: str
+) -> None:
+    response = httpx.post(f"{worker}/v1/generate", json=body, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert message in response.json()["error"]["message"]
+
+
+def test_metrics_count_generated_tokens(worker: str) -> None:
+    text = httpx.get(f"{worker}/metrics").text
+    line = next(
+        x for x in text.splitlines() if x.startswith("edgellm_worker_generated_tokens_total")
+    )
+    assert float(line.split()[-1]) > 0
