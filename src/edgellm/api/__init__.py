@@ -6,6 +6,7 @@ Imports nothing else of EdgeLLM; everything else imports it.
 from edgellm.api._common import (
     API_VERSION,
     GROUP,
+    TRUST_ORDER,
     VERSION,
     ClusterName,
     Condition,
@@ -47,6 +48,7 @@ __all__ = [
     "GROUP",
     "KINDS",
     "ORIGIN_CLUSTER_LABEL",
+    "TRUST_ORDER",
     "VERSION",
     "Accelerator",
     "ChatMessage",

@@ -1,0 +1,31 @@
+"""Placement as a pipeline of small plugins: filters narrow the peers, weighted scorers rank
+them, a picker chooses (as the Kubernetes scheduler framework and llm-d's endpoint picker do).
+One implementation serves the operator and the router. Imports only `edgellm.api`.
+"""
+
+from edgellm.scheduling.framework import (
+    Candidate,
+    Decision,
+    Filter,
+    Picker,
+    Profile,
+    Scorer,
+    Unschedulable,
+    WeightedScorer,
+    schedule,
+)
+from edgellm.scheduling.plugins import default_profile, registry
+
+__all__ = [
+    "Candidate",
+    "Decision",
+    "Filter",
+    "Picker",
+    "Profile",
+    "Scorer",
+    "Unschedulable",
+    "WeightedScorer",
+    "default_profile",
+    "registry",
+    "schedule",
+]

@@ -1,0 +1,120 @@
+"""The scheduling framework: the plugin roles, a profile that combines them, and `schedule`.
+
+`schedule` is a pure function of its inputs (the request, snapshots of the peers, a profile), so
+the operator and the router call the same code and tests need no cluster. Each plugin's latency
+is recorded, because routing overhead must stay visible.
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edgellm.api import InferenceRequestSpec, PeerNode
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A peer as the scheduler sees it: the resource, plus what only the caller knows."""
+
+    peer: PeerNode
+    local: bool  # in the scheduling cluster, not a mirror
+
+    @property
+    def name(self) -> str:
+        return self.peer.metadata.name
+
+
+class Filter(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def reason(self, request: InferenceRequestSpec, candidate: Candidate) -> str | None:
+        """Why the candidate cannot serve the request, or None when it can."""
+
+
+class Scorer(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def score(self, request: InferenceRequestSpec, candidate: Candidate) -> float:
+        """How well the candidate suits the request, in [0, 1]."""
+
+
+class Picker(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def pick(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate: ...
+
+
+@dataclass(frozen=True)
+class WeightedScorer:
+    """Weights live outside the scorers, so a profile can tune them without new code."""
+
+    scorer: Scorer
+    weight: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    filters: Sequence[Filter]
+    scorers: Sequence[WeightedScorer]
+    picker: Picker
+
+
+@dataclass(frozen=True)
+class Decision:
+    peer: Candidate
+    score: float
+    plugin_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Unschedulable:
+    """No peer can serve the request; `reasons` says why, per reason, how many peers."""
+
+    reasons: dict[str, int]
+
+    @property
+    def message(self) -> str:
+        if not self.reasons:
+            return "no peer is known in this federation"
+        return "; ".join(f"{count} peer(s): {why}" for why, count in sorted(self.reasons.items()))
+
+
+def schedule(
+    request: InferenceRequestSpec,
+    candidates: Sequence[Candidate],
+    profile: Profile,
+    excluded: frozenset[str] = frozenset(),
+) -> Decision | Unschedulable:
+    timings: dict[str, float] = {}
+    reasons: dict[str, int] = {}
+    feasible = []
+    for candidate in candidates:
+        if candidate.name in excluded:
+            reasons["failed during this request"] = reasons.get("failed during this request", 0) + 1
+            continue
+        for plugin in profile.filters:
+            started = time.perf_counter()
+            why = plugin.reason(request, candidate)
+            timings[plugin.name] = timings.get(plugin.name, 0.0) + time.perf_counter() - started
+            if why:
+                reasons[why] = reasons.get(why, 0) + 1
+                break
+        else:
+            feasible.append(candidate)
+    if not feasible:
+        return Unschedulable(reasons)
+    scored = []
+    for candidate in feasible:
+        total = 0.0
+        for weighted in profile.scorers:
+            started = time.perf_counter()
+            total += weighted.weight * weighted.scorer.score(request, candidate)
+            name = weighted.scorer.name
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+        scored.append((candidate, total))
+    chosen = profile.picker.pick(scored)
+    return Decision(chosen, next(score for c, score in scored if c is chosen), timings)

@@ -1,0 +1,168 @@
+"""EdgeLLM's scheduling plugins, each small enough to read at a glance, and the default profile.
+
+`registry()` returns a fresh name -> factory map (nothing registers itself at import time);
+`default_profile()` is the profile the operator uses unless configured otherwise.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from edgellm.api import TRUST_ORDER, InferenceRequestSpec, condition_status
+from edgellm.scheduling.framework import (
+    Candidate,
+    Filter,
+    Picker,
+    Profile,
+    Scorer,
+    WeightedScorer,
+)
+
+
+@dataclass(frozen=True)
+class HasModel:
+    name: str = "has-model"
+
+    def reason(self, request: InferenceRequestSpec, candidate: Candidate) -> str | None:
+        held = {m.name for m in candidate.peer.spec.models}
+        return None if request.model in held else f"does not hold model {request.model!r}"
+
+
+@dataclass(frozen=True)
+class Decodes:
+    name: str = "decodes"
+
+    def reason(self, request: InferenceRequestSpec, candidate: Candidate) -> str | None:
+        return None if "decode" in candidate.peer.spec.roles else "does not decode"
+
+
+@dataclass(frozen=True)
+class Healthy:
+    name: str = "healthy"
+
+    def reason(self, request: InferenceRequestSpec, candidate: Candidate) -> str | None:
+        conditions = candidate.peer.status.conditions
+        if candidate.peer.spec.unschedulable:
+            return "is draining"
+        if condition_status(conditions, "Reachable") == "False":
+            return "is unreachable"
+        if condition_status(conditions, "Ready") != "True":
+            return "is not Ready"
+        return None
+
+
+@dataclass(frozen=True)
+class Trusted:
+    name: str = "trusted"
+
+    def reason(self, request: InferenceRequestSpec, candidate: Candidate) -> str | None:
+        wanted = request.placement.min_trust
+        if TRUST_ORDER[candidate.peer.spec.trust_level] < TRUST_ORDER[wanted]:
+            return f"is trusted less than {wanted}"
+        return None
+
+
+@dataclass(frozen=True)
+class InClusters:
+    name: str = "in-clusters"
+
+    def reason(self, request: InferenceRequestSpec, candidate: Candidate) -> str | None:
+        allowed = request.placement.clusters
+        if allowed and candidate.peer.spec.cluster not in allowed:
+            return "is outside placement.clusters"
+        return None
+
+
+@dataclass(frozen=True)
+class MatchesSelector:
+    name: str = "matches-selector"
+
+    def reason(self, request: InferenceRequestSpec, candidate: Candidate) -> str | None:
+        selector = request.placement.peer_selector
+        if selector is None:
+            return None
+        labels = candidate.peer.metadata.labels
+        if any(labels.get(k) != v for k, v in selector.match_labels.items()):
+            return "does not match placement.peerSelector"
+        for requirement in selector.match_expressions:
+            value = labels.get(requirement.key)
+            holds = {
+                "In": value in requirement.values,
+                "NotIn": value not in requirement.values,
+                "Exists": value is not None,
+                "DoesNotExist": value is None,
+            }[requirement.operator]
+            if not holds:
+                return "does not match placement.peerSelector"
+        return None
+
+
+@dataclass(frozen=True)
+class LeastLoaded:
+    """Prefers idle peers: 1 with nothing running or queued, towards 0 as work piles up."""
+
+    name: str = "least-loaded"
+
+    def score(self, request: InferenceRequestSpec, candidate: Candidate) -> float:
+        load = candidate.peer.status.load
+        return 1.0 / (1.0 + load.running_requests + load.queued_requests)
+
+
+@dataclass(frozen=True)
+class KVCacheRoom:
+    """Prefers peers whose KV cache has room, so long prompts are not evicted mid-flight."""
+
+    name: str = "kv-cache-room"
+
+    def score(self, request: InferenceRequestSpec, candidate: Candidate) -> float:
+        return 1.0 - candidate.peer.status.load.kv_cache_usage
+
+
+@dataclass(frozen=True)
+class Local:
+    """Prefers this cluster's own peers when scores are otherwise close."""
+
+    name: str = "local"
+
+    def score(self, request: InferenceRequestSpec, candidate: Candidate) -> float:
+        return 1.0 if candidate.local else 0.0
+
+
+@dataclass(frozen=True)
+class MaxScore:
+    """The highest score wins; ties go to the name first in order, so decisions repeat."""
+
+    name: str = "max-score"
+
+    def pick(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
+        return min(scored, key=lambda pair: (-pair[1], pair[0].name))[0]
+
+
+def registry() -> dict[str, Callable[[], Filter | Scorer | Picker]]:
+    """Every plugin by name, for profiles written as configuration."""
+    plugins: list[Callable[[], Filter | Scorer | Picker]] = [
+        HasModel,
+        Decodes,
+        Healthy,
+        Trusted,
+        InClusters,
+        MatchesSelector,
+        LeastLoaded,
+        KVCacheRoom,
+        Local,
+        MaxScore,
+    ]
+    return {factory().name: factory for factory in plugins}
+
+
+def default_profile() -> Profile:
+    scorers: list[tuple[Scorer, float]] = [
+        (LeastLoaded(), 2.0),
+        (KVCacheRoom(), 1.0),
+        (Local(), 0.5),
+    ]
+    picker: Picker = MaxScore()
+    return Profile(
+        filters=[Healthy(), HasModel(), Decodes(), Trusted(), InClusters(), MatchesSelector()],
+        scorers=[WeightedScorer(scorer, weight) for scorer, weight in scorers],
+        picker=picker,
+    )
