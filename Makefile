@@ -15,11 +15,11 @@ setup: $(BIN)/.installed  ## Python environment with EdgeLLM and its dev tools
 tools:  ## pinned etcd, Kubernetes, KWOK, Helm and Kubo binaries in ~/.cache/edgellm/bin
 	hack/tools.sh
 
-demo: setup tools  ## local federation up, CRDs installed, the example request applied
+demo: setup tools  ## a local federation, a llama.cpp worker, the example request answered
 	PATH="$(CURDIR)/$(BIN):$$PATH" hack/demo.sh
 
-down: setup  ## stop the local clusters
-	$(BIN)/edgellm dev down
+down: setup  ## stop what `make demo` started
+	PATH="$(CURDIR)/$(BIN):$$PATH" hack/demo-down.sh
 
 test: setup tools  ## every check: lint, types, import layers, CRD drift, unit and e2e tests
 	PATH="$(CURDIR)/$(BIN):$$PATH" hack/test.sh

@@ -11,14 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kubernetes import client
 
 from edgellm.api import GROUP, VERSION
-from edgellm.dev.cluster import LocalCluster
+from edgellm.dev.cluster import LocalCluster, free_port
 from edgellm.dev.federation import LocalFederation
 from edgellm.federation.membership import Endpoint, JoinToken, token_kubeconfig
 from edgellm.kube import api_client
+from edgellm.worker.models import BENCH, write_model
 from tests.e2e.conftest import OperatorProcess, edgellm, eventually
 
 SYNC = 60.0  # seconds within which mirrors must converge
@@ -83,7 +85,14 @@ def peer_process(
     """Starts `edgellm join` processes (heartbeating peers); kills them at the end."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(cluster: str, name: str, ttl: int = 5) -> subprocess.Popen[str]:
+    def start(
+        cluster: str,
+        name: str,
+        ttl: int = 5,
+        endpoint: str = "http://127.0.0.1:8600",
+        models_dir: Path | None = None,
+    ) -> subprocess.Popen[str]:
+        models = [f"--models-dir={models_dir}"] if models_dir else []
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -92,8 +101,9 @@ def peer_process(
                 "join",
                 f"--kubeconfig={cluster_kubeconfigs[cluster]}",
                 f"--name={name}",
-                "--endpoint=http://127.0.0.1:8600",
+                f"--endpoint={endpoint}",
                 f"--heartbeat-ttl={ttl}",
+                *models,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -141,58 +151,87 @@ def test_labelled_nodes_become_peers_seen_everywhere(joined: LocalFederation) ->
     assert "vllm" in peer["spec"]["backends"]
 
 
-def test_leave_waits_for_a_request_in_flight_then_removes_the_peer_everywhere(
-    joined: LocalFederation, peer_process: Any, cluster_kubeconfigs: dict[str, Path]
-) -> None:
-    peer_process("edge-3", "edge-3-desktop")
-    eventually(
-        lambda: _everywhere(joined, lambda c: _peer(c, "edge-3-desktop")),
-        SYNC,
-        "edge-3-desktop is mirrored everywhere",
+@pytest.fixture(scope="module")
+def slow_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A worker serving the bench model, slow enough on a CPU that a request stays in flight
+    for a while; yields its URL and its models directory."""
+    models = tmp_path_factory.mktemp("models")
+    model = write_model(models / "bench-random.gguf", BENCH)
+    port = free_port()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "edgellm", "worker", f"--model={model}", f"--port={port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    eventually(healthy, 60, "the slow worker answers")
+    yield url, models
+    worker.terminate()
+    worker.wait(timeout=30)
+
+
+def _request_phase(cluster: LocalCluster, name: str) -> str | None:
+    with api_client(cluster.kubeconfig("admin")) as api:
+        body = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            GROUP, VERSION, "default", "inferencerequests", name
+        )
+    phase: str | None = body.get("status", {}).get("phase")
+    return phase
+
+
+def test_leave_waits_for_a_request_in_flight_then_removes_the_peer_everywhere(
+    joined: LocalFederation,
+    peer_process: Any,
+    cluster_kubeconfigs: dict[str, Path],
+    slow_worker: tuple[str, Path],
+) -> None:
+    url, models = slow_worker
+    peer_process("edge-3", "edge-3-desktop", ttl=30, endpoint=url, models_dir=models)
+    _until_everywhere(joined, "edge-3-desktop", "Ready", "True")
     edge3 = joined.clusters[2]
+    request = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "InferenceRequest",
+        "metadata": {"name": "in-flight", "namespace": "default"},
+        "spec": {
+            "model": "bench-random",
+            "prompt": "hello",
+            "sampling": {"maxTokens": 2000, "temperature": 0},
+        },
+    }
     with api_client(edge3.kubeconfig("admin")) as api:
-        objects = client.CustomObjectsApi(api)
-        request = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "InferenceRequest",
-            "metadata": {"name": "in-flight", "namespace": "default"},
-            "spec": {"model": "tiny-random", "prompt": "hello"},
-        }
-        objects.create_namespaced_custom_object(
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
             GROUP, VERSION, "default", "inferencerequests", request
         )
-        running = {"status": {"phase": "Running", "assignment": {"decodePeer": "edge-3-desktop"}}}
-        objects.patch_namespaced_custom_object_status(
-            GROUP, VERSION, "default", "inferencerequests", "in-flight", running
-        )
-        leaving = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "edgellm",
-                "leave",
-                f"--kubeconfig={cluster_kubeconfigs['edge-3']}",
-                "--name=edge-3-desktop",
-                "--deadline=120",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        _until_everywhere(joined, "edge-3-desktop", "Draining", "True")
-        assert leaving.poll() is None, "leave must wait for the request in flight"
-        objects.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            "default",
-            "inferencerequests",
-            "in-flight",
-            {"status": {"phase": "Succeeded"}},
-        )
-    out, err = leaving.communicate(timeout=60)
+    eventually(lambda: _request_phase(edge3, "in-flight") == "Running", SYNC, "the request runs")
+    leaving = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgellm",
+            "leave",
+            f"--kubeconfig={cluster_kubeconfigs['edge-3']}",
+            "--name=edge-3-desktop",
+            "--deadline=300",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _until_everywhere(joined, "edge-3-desktop", "Draining", "True")
+    assert _request_phase(edge3, "in-flight") == "Running"
+    assert leaving.poll() is None, "leave must wait for the request in flight"
+    out, err = leaving.communicate(timeout=300)
     assert leaving.returncode == 0, err
     assert "no request was cut short" in out
+    assert _request_phase(edge3, "in-flight") == "Succeeded"
     _until_gone_everywhere(joined, "edge-3-desktop")
 
 

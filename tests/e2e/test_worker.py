@@ -3,28 +3,26 @@
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from edgellm.dev.cluster import free_port
-from edgellm.worker.models import TINY, write_model
+from edgellm.worker.models import BENCH, TINY, write_model
 from tests.e2e.conftest import eventually
 
 CHAT = {"messages": [{"role": "user", "content": "Why pool home GPUs?"}]}
 GREEDY = {"maxTokens": 16, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    model = write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY)
+def _serve(model: Path) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "edgellm", "worker", f"--model={model}", f"--port={port}"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
 
@@ -32,12 +30,24 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         try:
             return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
         except httpx.HTTPError:
-            return process.poll() is None and False
+            return False
 
     eventually(healthy, 60, "the worker answers /healthz")
     yield url
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _serve(write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY))
+
+
+@pytest.fixture(scope="module")
+def slow_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The bench model: slow enough on a CPU that a long generation is still running when
+    the test cancels it."""
+    yield from _serve(write_model(tmp_path_factory.mktemp("models") / "bench-random.gguf", BENCH))
 
 
 def test_health_names_the_model_and_its_context(worker: str) -> None:
@@ -83,21 +93,20 @@ def test_streaming_yields_the_same_text_token_by_token(worker: str) -> None:
     assert summary["finishReason"] == "length"
 
 
-def test_a_cancelled_generation_stops_early(worker: str) -> None:
-    # The tiny model is fast: cancel as soon as the first token arrives, with room left.
-    body = {"id": "cancel-me", "prompt": "hello", "sampling": {"maxTokens": 2000}, "stream": True}
+def test_a_cancelled_generation_stops_early(slow_worker: str) -> None:
+    # Greedy, so the random model cannot end early by sampling its end-of-sequence token.
+    greedy = {"maxTokens": 4000, "temperature": 0}
+    body = {"id": "cancel-me", "prompt": "hello", "sampling": greedy, "stream": True}
     received: list[str] = []
-    cancel_sent = threading.Event()
-    with httpx.stream("POST", f"{worker}/v1/generate", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{slow_worker}/v1/generate", json=body, timeout=120) as response:
         for line in response.iter_lines():
             received.append(line)
-            if line.startswith("data: ") and not cancel_sent.is_set():
-                assert httpx.delete(f"{worker}/v1/generate/cancel-me").status_code == 204
-                cancel_sent.set()
+            if len(received) == 1:
+                assert httpx.delete(f"{slow_worker}/v1/generate/cancel-me").status_code == 204
     summaries = [json.loads(x[6:]) for x in received if x.startswith('data: {"finishReason')]
     assert summaries[0]["finishReason"] == "cancelled"
-    assert summaries[0]["usage"]["completionTokens"] < 2000
-    assert httpx.delete(f"{worker}/v1/generate/cancel-me").status_code == 404
+    assert summaries[0]["usage"]["completionTokens"] < 100
+    assert httpx.delete(f"{slow_worker}/v1/generate/cancel-me").status_code == 404
 
 
 @pytest.mark.parametrize(

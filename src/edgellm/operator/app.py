@@ -14,6 +14,7 @@ import yaml
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
+from edgellm.api.inferencerequest import TERMINAL_PHASES
 from edgellm.kube import new_api_client
 from edgellm.operator.metrics import OperatorMetrics
 from edgellm.operator.nodepeers import NODE_PEER_LABEL
@@ -52,6 +53,25 @@ def build_registry(
     def peer_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         memo[RUNTIME].on_peer_event(event["type"], dict(event["object"]))
 
+    @kopf.daemon(
+        "edgellm.io",
+        "v1alpha1",
+        "inferencerequests",
+        when=lambda status, **_: status.get("phase") not in TERMINAL_PHASES,
+        cancellation_timeout=10.0,
+        registry=registry,
+    )
+    async def request(
+        body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any
+    ) -> None:
+        # kopf sets `stopped` when the request is deleted; its finalizer waits for the cancel.
+        waiter = asyncio.Event()
+        watch = asyncio.create_task(_flag(stopped, waiter))
+        try:
+            await memo[RUNTIME].requests.run(_plain(body), waiter)
+        finally:
+            watch.cancel()
+
     @kopf.timer(
         "",
         "v1",
@@ -64,6 +84,11 @@ def build_registry(
         await asyncio.to_thread(memo[RUNTIME].sync_node, _plain(body))
 
     return registry
+
+
+async def _flag(stopped: kopf.DaemonStopped, event: asyncio.Event) -> None:
+    await stopped.wait()
+    event.set()
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -33,7 +33,9 @@ from edgellm.kube import new_api_client
 from edgellm.operator import nodepeers, peerhealth
 from edgellm.operator.events import EventRecorder
 from edgellm.operator.metrics import OperatorMetrics
+from edgellm.operator.requests import RequestRunner
 from edgellm.operator.settings import OperatorSettings
+from edgellm.scheduling import default_profile
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,11 @@ class Runtime:
         self.settings = settings
         self.local = local
         self.metrics = metrics
-        self.events = EventRecorder(local, settings.cluster)
         self.peers: dict[str, Body] = {}
+        self.events = EventRecorder(local, settings.cluster)
+        self.requests = RequestRunner(
+            local, settings.cluster, self.events, self.peers, default_profile()
+        )
         self.syncers: dict[str, MemberSyncer] = {}
         # False while this cluster's own apiserver fails: our view of our peers is then stale,
         # and mirroring it would overwrite what the other members rightly concluded.

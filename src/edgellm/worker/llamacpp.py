@@ -1,10 +1,11 @@
 """The llama.cpp backend: one GGUF model in one llama.cpp context, through llama-cpp-python.
 
-The worker's HTTP layer (`server.py`) calls `generate`, which yields tokens as llama.cpp samples
-them, so a client sees the first token as soon as it exists and a cancelled request stops
-generating at the next token. llama-cpp-python's `Llama` is not safe across threads, so requests
-take turns on the context (the library has no continuous batching); prompts that share a prefix
-with the previous one reuse its KV cache.
+The worker's HTTP layer (`server.py`) calls `generate`, which yields each token as llama.cpp
+samples it (counts are exact, stop strings are honoured), so a client sees the first token as
+soon as it exists and a cancelled request stops generating at the next token.
+llama-cpp-python's `Llama` is not safe across threads, so requests take turns on the context
+(the library has no continuous batching); prompts that share a prefix with the previous one
+reuse its KV cache.
 """
 
 import threading
@@ -12,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from jinja2 import Template  # the engine of chat templates, as in llama.cpp's own server
 from llama_cpp import Llama
@@ -91,32 +92,45 @@ class LlamaCppBackend:
             usage.cached_tokens = _common_prefix(
                 list(self._llama.input_ids[: self._llama.n_tokens]), tokens
             )
-            # llama-cpp-python streams one chunk per sampled token; the last carries the reason.
-            stream: Iterator[Any] = self._llama.create_completion(  # type: ignore[assignment]
+            if sampling.seed is not None:
+                self._llama.set_seed(sampling.seed)
+            # Token by token, so counts are exact and a cancel stops at the next token.
+            tokens_out = self._llama.generate(
                 tokens,
-                max_tokens=sampling.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
                 top_k=sampling.top_k,
-                seed=sampling.seed,
-                stop=list(sampling.stop) or None,
-                presence_penalty=sampling.presence_penalty,
+                top_p=sampling.top_p,
+                temp=sampling.temperature,
                 frequency_penalty=sampling.frequency_penalty,
-                stream=True,
+                presence_penalty=sampling.presence_penalty,
             )
-            for chunk in stream:
+            pending = b""  # bytes of a character split across tokens
+            text = ""
+            for token in tokens_out:
                 if cancelled.is_set():
                     yield Piece("", "cancelled")
                     return
-                choice = chunk["choices"][0]
                 if usage.first_token_seconds is None:
                     usage.first_token_seconds = time.monotonic() - started
-                reason = choice["finish_reason"]
-                if reason is None:
-                    usage.completion_tokens += 1
-                    yield Piece(choice["text"])
+                if token == self._llama.token_eos():
+                    yield Piece("", "stop")
+                    return
+                usage.completion_tokens += 1
+                pending += self._llama.detokenize([token], special=False)
+                try:
+                    piece = pending.decode()
+                except UnicodeDecodeError:
+                    piece = ""
                 else:
-                    yield Piece(choice["text"], "length" if reason == "length" else "stop")
+                    pending = b""
+                text += piece
+                stop_at = min((i for s in sampling.stop if (i := text.find(s)) >= 0), default=-1)
+                if stop_at >= 0:
+                    yield Piece(piece[: max(0, len(piece) - (len(text) - stop_at))], "stop")
+                    return
+                if usage.completion_tokens >= sampling.max_tokens:
+                    yield Piece(piece, "length")
+                    return
+                yield Piece(piece)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

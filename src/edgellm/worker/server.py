@@ -94,12 +94,13 @@ def create_app(backend: LlamaCppBackend, model: str) -> FastAPI:
         cancelled = threading.Event()
         usage = Usage()
         pieces = backend.generate(prompt, sampling, usage, cancelled)
+        if body.id:  # cancellable while it waits for the model, too
+            running[body.id] = cancelled
         try:
             first = await asyncio.to_thread(next, pieces, None)  # validates the prompt's length
         except PromptTooLongError as e:
+            running.pop(body.id, None)
             return _error(400, str(e))
-        if body.id:
-            running[body.id] = cancelled
 
         async def pull() -> AsyncIterator[Piece]:
             piece = first

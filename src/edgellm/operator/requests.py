@@ -1,0 +1,322 @@
+"""An InferenceRequest's life: Pending -> Scheduled -> Running -> Succeeded | Failed.
+
+The kopf daemon of each unfinished request (`app.py`) calls `RequestRunner.run`, which picks a
+peer with the scheduling framework, streams the generation from the peer's worker, and writes
+assignment, timings, cache figures and output into the status, with an Event at every step.
+A worker that fails mid-request is excluded and the request scheduled again; deleting the
+request stops the daemon, which cancels the generation on the worker.
+"""
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import httpx
+from kubernetes import client
+from pydantic import ValidationError
+
+from edgellm.api import (
+    ConditionStatus,
+    InferenceRequestSpec,
+    PeerName,
+    PeerNode,
+    Phase,
+    set_condition,
+)
+from edgellm.api.inferencerequest import FinishReason, InferenceRequestStatus, Output
+from edgellm.operator.events import EventRecorder
+from edgellm.scheduling import Candidate, Decision, Profile, schedule
+
+logger = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "edgellm.io", "v1alpha1", "inferencerequests"
+Body = dict[str, Any]
+
+
+class RequestFailedError(Exception):
+    """The request cannot succeed; `reason` is the condition's reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Attempt:
+    """What one worker produced for the request."""
+
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    first_token_at: float | None = None
+
+
+class RequestRunner:
+    def __init__(
+        self,
+        local: client.ApiClient,
+        cluster: str,
+        events: EventRecorder,
+        peers: dict[str, Body],
+        profile: Profile,
+    ) -> None:
+        self.local = local
+        self.cluster = cluster
+        self.events = events
+        self.peers = peers  # the operator's live view: own peers and mirrors
+        self.profile = profile
+
+    async def run(self, body: Body, stopped: asyncio.Event) -> None:
+        metadata = body["metadata"]
+        created = datetime.fromisoformat(metadata["creationTimestamp"])
+        try:
+            spec = InferenceRequestSpec.model_validate(body["spec"])
+            status = InferenceRequestStatus.model_validate(body.get("status") or {})
+        except ValidationError as e:
+            await self._finish(
+                body, InferenceRequestStatus(), "Failed", "InvalidSpec", str(e)[:1000]
+            )
+            return
+        deadline = created.timestamp() + spec.timeout_seconds
+        excluded: set[str] = set()
+        try:
+            prompt = await asyncio.to_thread(self._prompt, spec, metadata["namespace"])
+            while True:
+                decision = self._schedule(spec, frozenset(excluded))
+                peer = PeerName(decision.peer.name)
+                status.assignment.decode_peer = status.assignment.prefill_peer = peer
+                status.assignment.cluster = decision.peer.peer.spec.cluster
+                status.assignment.attempts += 1
+                status.phase = "Scheduled"
+                await self._transition(
+                    body,
+                    status,
+                    "Scheduled",
+                    "True",
+                    "PeerChosen",
+                    f"on {decision.peer.name} (attempt {status.assignment.attempts})",
+                )
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise RequestFailedError(
+                        "Timeout", f"not finished within {spec.timeout_seconds}s"
+                    )
+                try:
+                    attempt = await self._generate(
+                        body, status, decision, spec, prompt, remaining, stopped
+                    )
+                except (httpx.TransportError, httpx.RemoteProtocolError) as e:
+                    excluded.add(decision.peer.name)
+                    await asyncio.to_thread(
+                        self.events.record,
+                        body,
+                        "Warning",
+                        "PeerLost",
+                        f"{decision.peer.name} failed mid-request ({e}); scheduling again",
+                    )
+                    continue
+                if attempt is None:  # deleted: the worker was told to stop
+                    return
+                self._complete(status, attempt, created)
+                await self._finish(
+                    body,
+                    status,
+                    "Succeeded",
+                    "Generated",
+                    f"{status.output.completion_tokens if status.output else 0} tokens"
+                    f" on {decision.peer.name}",
+                )
+                return
+        except RequestFailedError as e:
+            await self._finish(body, status, "Failed", e.reason, str(e))
+        except TimeoutError:
+            await self._finish(
+                body, status, "Failed", "Timeout", f"not finished within {spec.timeout_seconds}s"
+            )
+
+    def _prompt(self, spec: InferenceRequestSpec, namespace: str) -> dict[str, Any]:
+        """The worker's prompt fields, reading a Secret or ConfigMap for promptFrom."""
+        if spec.prompt is not None:
+            return {"prompt": spec.prompt}
+        if spec.messages is not None:
+            return {"messages": [m.model_dump() for m in spec.messages]}
+        source = spec.prompt_from
+        assert source is not None  # the spec's validation guarantees one of the three
+        core = client.CoreV1Api(self.local)
+        ref = source.secret_key_ref or source.config_map_key_ref
+        assert ref is not None
+        try:
+            if source.secret_key_ref is not None:
+                data = core.read_namespaced_secret(ref.name, namespace).data or {}
+                value = base64.b64decode(data[ref.key]).decode() if ref.key in data else None
+            else:
+                value = (core.read_namespaced_config_map(ref.name, namespace).data or {}).get(
+                    ref.key
+                )
+        except client.ApiException as e:
+            raise RequestFailedError("PromptNotFound", f"cannot read {ref.name}: {e.reason}") from e
+        if not value:
+            raise RequestFailedError("PromptNotFound", f"{ref.name} has no key {ref.key!r}")
+        return {"prompt": value}
+
+    def _schedule(self, spec: InferenceRequestSpec, excluded: frozenset[str]) -> Decision:
+        candidates = []
+        for body in list(self.peers.values()):
+            try:
+                peer = PeerNode.model_validate(body)
+            except ValidationError:
+                continue
+            candidates.append(Candidate(peer, local=peer.spec.cluster == self.cluster))
+        result = schedule(spec, candidates, self.profile, excluded)
+        if isinstance(result, Decision):
+            return result
+        known = any(spec.model in {m.name for m in c.peer.spec.models} for c in candidates)
+        reason = "NoPeerAvailable" if known else "UnknownModel"
+        prefix = "" if known else f"no peer of the federation holds model {spec.model!r}; "
+        raise RequestFailedError(reason, prefix + result.message)
+
+    async def _generate(
+        self,
+        body: Body,
+        status: InferenceRequestStatus,
+        decision: Decision,
+        spec: InferenceRequestSpec,
+        prompt: dict[str, Any],
+        budget_seconds: float,
+        stopped: asyncio.Event,
+    ) -> Attempt | None:
+        """Streams the generation; None when the request was deleted meanwhile."""
+        endpoint = decision.peer.peer.spec.endpoint.rstrip("/")
+        generation_id = body["metadata"]["uid"]
+        payload = {
+            "id": generation_id,
+            **prompt,
+            "sampling": spec.sampling.to_wire(),
+            "stream": True,
+        }
+        attempt = Attempt()
+        status.phase = "Running"
+        status.start_time = datetime.now(UTC)
+        await self._transition(
+            body, status, "Running", "True", "Generating", f"{decision.peer.name} is generating"
+        )
+
+        async def stream() -> None:
+            limits = httpx.Timeout(budget_seconds, connect=5.0)
+            async with (
+                httpx.AsyncClient(timeout=limits) as http,
+                http.stream("POST", f"{endpoint}/v1/generate", json=payload) as response,
+            ):
+                if response.status_code >= 400:
+                    error = json.loads(await response.aread())["error"]["message"]
+                    raise RequestFailedError("InvalidRequest", f"{decision.peer.name}: {error}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line.removeprefix("data: "))
+                    if "text" in event:
+                        attempt.first_token_at = attempt.first_token_at or time.monotonic()
+                        attempt.text.append(event["text"])
+                    else:
+                        attempt.finish_reason = event["finishReason"]
+                        attempt.usage = event["usage"]
+            if attempt.finish_reason is None:
+                raise httpx.RemoteProtocolError("the stream ended without a finish reason")
+
+        generating = asyncio.create_task(stream())
+        waiting = asyncio.create_task(stopped.wait())
+        done, _ = await asyncio.wait(
+            {generating, waiting}, timeout=budget_seconds, return_when=asyncio.FIRST_COMPLETED
+        )
+        waiting.cancel()
+        if generating in done:
+            generating.result()  # re-raises what the stream raised
+            return attempt
+        generating.cancel()
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            try:
+                await http.delete(f"{endpoint}/v1/generate/{generation_id}")
+            except httpx.HTTPError as e:
+                logger.warning("cancelling on %s failed: %s", decision.peer.name, e)
+        if waiting in done or stopped.is_set():
+            return None
+        raise TimeoutError
+
+    def _complete(
+        self, status: InferenceRequestStatus, attempt: Attempt, created: datetime
+    ) -> None:
+        now = datetime.now(UTC)
+        usage = attempt.usage
+        completion = int(usage.get("completionTokens", 0))
+        status.output = Output(
+            text="".join(attempt.text),
+            finish_reason=cast(FinishReason, attempt.finish_reason),
+            prompt_tokens=int(usage.get("promptTokens", 0)),
+            completion_tokens=completion,
+        )
+        status.cache.prompt_tokens = int(usage.get("promptTokens", 0))
+        status.cache.cached_tokens = int(usage.get("cachedTokens", 0))
+        status.cache.source = "local" if status.cache.cached_tokens else "none"
+        started = status.start_time or now
+        first = usage.get("firstTokenSeconds") or 0.0
+        total = (now - created).total_seconds()
+        decode = max(total - (started - created).total_seconds() - first, 1e-6)
+        queue = max((started - created).total_seconds(), 0.0)
+        # Milliseconds are all a person reads in `kubectl get ir`.
+        status.timings.queue_seconds = round(queue, 3)
+        status.timings.ttft_seconds = round(queue + first, 3)
+        status.timings.total_seconds = round(total, 3)
+        status.timings.tokens_per_second = round(completion / decode, 1)
+
+    async def _transition(
+        self,
+        body: Body,
+        status: InferenceRequestStatus,
+        type_: str,
+        value: ConditionStatus,
+        reason: str,
+        message: str,
+    ) -> None:
+        generation = body["metadata"].get("generation")
+        now = datetime.now(UTC)
+        status.conditions, _ = set_condition(
+            status.conditions, type_, value, reason, message, now, generation
+        )
+        status.observed_generation = body["metadata"].get("generation")
+        await asyncio.to_thread(self._write, body, status)
+        await asyncio.to_thread(self.events.record, body, "Normal", reason, message)
+
+    async def _finish(
+        self, body: Body, status: InferenceRequestStatus, phase: Phase, reason: str, message: str
+    ) -> None:
+        # The Event first: once the status is final, kopf stops this request's daemon.
+        event_type = "Normal" if phase == "Succeeded" else "Warning"
+        await asyncio.to_thread(self.events.record, body, event_type, reason, message)
+        status.phase = phase
+        status.completion_time = datetime.now(UTC)
+        status.conditions, _ = set_condition(
+            status.conditions,
+            "Complete",
+            "True" if phase == "Succeeded" else "False",
+            reason,
+            message,
+            datetime.now(UTC),
+            body["metadata"].get("generation"),
+        )
+        await asyncio.to_thread(self._write, body, status)
+
+    def _write(self, body: Body, status: InferenceRequestStatus) -> None:
+        metadata = body["metadata"]
+        client.CustomObjectsApi(self.local).patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            metadata["namespace"],
+            PLURAL,
+            metadata["name"],
+            {"status": status.to_wire()},
+        )
