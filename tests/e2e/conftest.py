@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import yaml
 from kubernetes import client
@@ -208,3 +210,28 @@ def joined(
         )
         assert joined.returncode == 0, joined.stderr
     return federation
+
+
+@contextmanager
+def worker_process(model: Path) -> Iterator[str]:
+    """`edgellm worker` serving `model` on a free loopback port; yields its URL once healthy."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgellm", "worker", f"--model={model}", f"--port={port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        eventually(healthy, 60, f"the worker for {model.name} answers /healthz")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

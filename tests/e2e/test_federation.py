@@ -11,17 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from kubernetes import client
 
 from edgellm.api import GROUP, VERSION
-from edgellm.dev.cluster import LocalCluster, free_port
+from edgellm.dev.cluster import LocalCluster
 from edgellm.dev.federation import LocalFederation
 from edgellm.federation.membership import Endpoint, JoinToken, token_kubeconfig
 from edgellm.kube import api_client
 from edgellm.worker.models import BENCH, write_model
-from tests.e2e.conftest import OperatorProcess, edgellm, eventually
+from tests.e2e.conftest import OperatorProcess, edgellm, eventually, worker_process
 
 SYNC = 60.0  # seconds within which mirrors must converge
 
@@ -156,25 +155,8 @@ def slow_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     """A worker serving the bench model, slow enough on a CPU that a request stays in flight
     for a while; yields its URL and its models directory."""
     models = tmp_path_factory.mktemp("models")
-    model = write_model(models / "bench-random.gguf", BENCH)
-    port = free_port()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "edgellm", "worker", f"--model={model}", f"--port={port}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    eventually(healthy, 60, "the slow worker answers")
-    yield url, models
-    worker.terminate()
-    worker.wait(timeout=30)
+    with worker_process(write_model(models / "bench-random.gguf", BENCH)) as url:
+        yield url, models
 
 
 def _request_phase(cluster: LocalCluster, name: str) -> str | None:

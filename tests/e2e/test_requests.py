@@ -7,16 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from kubernetes import client
 
 from edgellm.api import GROUP, VERSION
-from edgellm.dev.cluster import free_port
 from edgellm.dev.federation import LocalFederation
 from edgellm.kube import api_client
 from edgellm.worker.models import TINY, write_model
-from tests.e2e.conftest import OperatorProcess, eventually
+from tests.e2e.conftest import OperatorProcess, eventually, worker_process
 
 DONE = 120.0
 
@@ -31,41 +29,31 @@ def serving_peer(
     """A worker serving tiny-random, joined as the peer edge-1-worker."""
     models = tmp_path_factory.mktemp("models")
     model = write_model(models / "tiny-random.gguf", TINY)
-    port = free_port()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "edgellm", "worker", f"--model={model}", f"--port={port}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    peer = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgellm",
-            "join",
-            f"--kubeconfig={cluster_kubeconfigs['edge-1']}",
-            "--name=edge-1-worker",
-            f"--endpoint=http://127.0.0.1:{port}",
-            f"--models-dir={models}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with worker_process(model) as url:
+        peer = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "edgellm",
+                "join",
+                f"--kubeconfig={cluster_kubeconfigs['edge-1']}",
+                "--name=edge-1-worker",
+                f"--endpoint={url}",
+                f"--models-dir={models}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
-    def ready() -> bool:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).raise_for_status()
-        except httpx.HTTPError:
-            return False
-        body = _get(joined, "peernodes", "edge-1-worker")
-        conditions = (body or {}).get("status", {}).get("conditions", [])
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+        def ready() -> bool:
+            body = _get(joined, "peernodes", "edge-1-worker")
+            conditions = (body or {}).get("status", {}).get("conditions", [])
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
-    eventually(ready, DONE, "the worker serves and its peer is Ready")
-    yield "edge-1-worker"
-    for process in (peer, worker):
-        process.terminate()
-        process.wait(timeout=30)
+        eventually(ready, DONE, "the worker's peer is Ready")
+        yield "edge-1-worker"
+        peer.terminate()
+        peer.wait(timeout=30)
 
 
 def _get(joined: LocalFederation, plural: str, name: str) -> dict[str, Any] | None:

@@ -1,53 +1,34 @@
 """`edgellm worker` serving the generated model with real llama.cpp, over real HTTP."""
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from edgellm.dev.cluster import free_port
 from edgellm.worker.models import BENCH, TINY, write_model
-from tests.e2e.conftest import eventually
+from tests.e2e.conftest import worker_process
 
 CHAT = {"messages": [{"role": "user", "content": "Why pool home GPUs?"}]}
 GREEDY = {"maxTokens": 16, "temperature": 0}
 
 
-def _serve(model: Path) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edgellm", "worker", f"--model={model}", f"--port={port}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    eventually(healthy, 60, "the worker answers /healthz")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from _serve(write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY))
+    with worker_process(
+        write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY)
+    ) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def slow_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The bench model: slow enough on a CPU that a long generation is still running when
     the test cancels it."""
-    yield from _serve(write_model(tmp_path_factory.mktemp("models") / "bench-random.gguf", BENCH))
+    with worker_process(
+        write_model(tmp_path_factory.mktemp("models") / "bench-random.gguf", BENCH)
+    ) as url:
+        yield url
 
 
 def test_health_names_the_model_and_its_context(worker: str) -> None:
