@@ -50,10 +50,12 @@ def serving_peer(
             conditions = (body or {}).get("status", {}).get("conditions", [])
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
-        eventually(ready, DONE, "the worker's peer is Ready")
-        yield "edge-1-worker"
-        peer.terminate()
-        peer.wait(timeout=30)
+        try:
+            eventually(ready, DONE, "the worker's peer is Ready")
+            yield "edge-1-worker"
+        finally:
+            peer.terminate()
+            peer.wait(timeout=30)
 
 
 def _get(joined: LocalFederation, plural: str, name: str) -> dict[str, Any] | None:
