@@ -57,14 +57,16 @@ def build_registry(
         "edgellm.io",
         "v1alpha1",
         "inferencerequests",
-        when=lambda status, **_: status.get("phase") not in TERMINAL_PHASES,
         cancellation_timeout=10.0,
         registry=registry,
     )
     async def request(
         body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any
     ) -> None:
-        # kopf sets `stopped` when the request is deleted; its finalizer waits for the cancel.
+        # One daemon per request while it lives; it returns once the request is finished, and
+        # kopf does not restart a daemon that returned. `stopped` is set when it is deleted.
+        if body.get("status", {}).get("phase") in TERMINAL_PHASES:
+            return
         waiter = asyncio.Event()
         watch = asyncio.create_task(_flag(stopped, waiter))
         try:
