@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -115,3 +116,15 @@ def test_metrics_count_generated_tokens(worker: str) -> None:
         x for x in text.splitlines() if x.startswith("edgellm_worker_generated_tokens_total")
     )
     assert float(line.split()[-1]) > 0
+
+
+def test_many_concurrent_requests_all_finish(worker: str) -> None:
+    """More requests than the server has threads: waiting ones must not starve the one
+    generating."""
+    body = {**CHAT, "sampling": {"maxTokens": 8, "temperature": 0}}
+    with httpx.Client(timeout=60) as http, ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(
+            pool.map(lambda _: http.post(f"{worker}/v1/generate", json=body), range(16))
+        )
+    assert [r.status_code for r in responses] == [200] * 16
+    assert len({r.json()["text"] for r in responses}) == 1

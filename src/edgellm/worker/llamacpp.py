@@ -3,14 +3,14 @@
 The worker's HTTP layer (`server.py`) calls `generate`, which yields each token as llama.cpp
 samples it (counts are exact, stop strings are honoured), so a client sees the first token as
 soon as it exists and a cancelled request stops generating at the next token.
-llama-cpp-python's `Llama` is not safe across threads, so requests take turns on the context
-(the library has no continuous batching); prompts that share a prefix with the previous one
-reuse its KV cache.
+llama-cpp-python's `Llama` is not safe across threads and has no continuous batching, so the
+caller gives requests turns (the server's `turn`); prompts that share a prefix with the previous
+one reuse its KV cache.
 """
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -62,7 +62,6 @@ class LlamaCppBackend:
             n_threads=threads,
             verbose=False,
         )
-        self._lock = threading.Lock()
 
     @property
     def context(self) -> int:
@@ -78,7 +77,7 @@ class LlamaCppBackend:
 
     def generate(
         self, prompt: str, sampling: Sampling, usage: Usage, cancelled: threading.Event
-    ) -> Iterator[Piece]:
+    ) -> Generator[Piece, None, None]:
         """Yields the generated text token by token; `usage` is filled as it goes."""
         tokens = self.tokenize(prompt)
         if len(tokens) + sampling.max_tokens > self.context:
@@ -88,49 +87,48 @@ class LlamaCppBackend:
             )
         usage.prompt_tokens = len(tokens)
         started = time.monotonic()
-        with self._lock:
-            usage.cached_tokens = _common_prefix(
-                list(self._llama.input_ids[: self._llama.n_tokens]), tokens
-            )
-            if sampling.seed is not None:
-                self._llama.set_seed(sampling.seed)
-            # Token by token, so counts are exact and a cancel stops at the next token.
-            tokens_out = self._llama.generate(
-                tokens,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                temp=sampling.temperature,
-                frequency_penalty=sampling.frequency_penalty,
-                presence_penalty=sampling.presence_penalty,
-            )
-            pending = b""  # bytes of a character split across tokens
-            text = ""
-            for token in tokens_out:
-                if cancelled.is_set():
-                    yield Piece("", "cancelled")
-                    return
-                if usage.first_token_seconds is None:
-                    usage.first_token_seconds = time.monotonic() - started
-                if token == self._llama.token_eos():
-                    yield Piece("", "stop")
-                    return
-                usage.completion_tokens += 1
-                pending += self._llama.detokenize([token], special=False)
-                try:
-                    piece = pending.decode()
-                except UnicodeDecodeError:
-                    piece = ""
-                else:
-                    pending = b""
-                text += piece
-                stop_at = min((i for s in sampling.stop if (i := text.find(s)) >= 0), default=-1)
-                if stop_at >= 0:
-                    yield Piece(piece[: max(0, len(piece) - (len(text) - stop_at))], "stop")
-                    return
-                if usage.completion_tokens >= sampling.max_tokens:
-                    yield Piece(piece, "length")
-                    return
-                yield Piece(piece)
+        usage.cached_tokens = _common_prefix(
+            list(self._llama.input_ids[: self._llama.n_tokens]), tokens
+        )
+        if sampling.seed is not None:
+            self._llama.set_seed(sampling.seed)
+        # Token by token, so counts are exact and a cancel stops at the next token.
+        tokens_out = self._llama.generate(
+            tokens,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            temp=sampling.temperature,
+            frequency_penalty=sampling.frequency_penalty,
+            presence_penalty=sampling.presence_penalty,
+        )
+        pending = b""  # bytes of a character split across tokens
+        text = ""
+        for token in tokens_out:
+            if cancelled.is_set():
+                yield Piece("", "cancelled")
+                return
+            if usage.first_token_seconds is None:
+                usage.first_token_seconds = time.monotonic() - started
+            if token == self._llama.token_eos():
+                yield Piece("", "stop")
+                return
+            usage.completion_tokens += 1
+            pending += self._llama.detokenize([token], special=False)
+            try:
+                piece = pending.decode()
+            except UnicodeDecodeError:
+                piece = ""
+            else:
+                pending = b""
+            text += piece
+            stop_at = min((i for s in sampling.stop if (i := text.find(s)) >= 0), default=-1)
+            if stop_at >= 0:
+                yield Piece(piece[: max(0, len(piece) - (len(text) - stop_at))], "stop")
+                return
+            if usage.completion_tokens >= sampling.max_tokens:
+                yield Piece(piece, "length")
+                return
+            yield Piece(piece)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -47,6 +47,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 def create_app(backend: LlamaCppBackend, model: str) -> FastAPI:
     app = FastAPI(title="EdgeLLM worker")
     running: dict[str, threading.Event] = {}
+    turn = asyncio.Lock()  # one generation at a time: llama.cpp's context is single
     metrics = CollectorRegistry()
     tokens = Counter("edgellm_worker_generated_tokens", "Tokens generated.", registry=metrics)
     ttft = Histogram(
@@ -96,20 +97,33 @@ def create_app(backend: LlamaCppBackend, model: str) -> FastAPI:
         pieces = backend.generate(prompt, sampling, usage, cancelled)
         if body.id:  # cancellable while it waits for the model, too
             running[body.id] = cancelled
+        # Waiting requests wait here, not in worker threads: threads blocked on the model's
+        # lock would starve the one generation that holds it.
+        await turn.acquire()
         try:
             first = await asyncio.to_thread(next, pieces, None)  # validates the prompt's length
         except PromptTooLongError as e:
+            turn.release()
             running.pop(body.id, None)
             return _error(400, str(e))
+        except BaseException:  # the client left before the first token
+            cancelled.set()
+            turn.release()
+            running.pop(body.id, None)
+            raise
 
         async def pull() -> AsyncIterator[Piece]:
-            piece = first
+            piece, step = first, None
             try:
                 while piece is not None:
                     yield piece
-                    piece = await asyncio.to_thread(next, pieces, None)
+                    step = asyncio.ensure_future(asyncio.to_thread(next, pieces, None))
+                    piece = await asyncio.shield(step)
             finally:
                 cancelled.set()  # a client gone mid-stream stops the generation
+                if step is not None and not step.done():
+                    await asyncio.wait({step})  # the model is free only once its token is out
+                turn.release()
                 running.pop(body.id, None)
                 tokens.inc(usage.completion_tokens)
                 if usage.first_token_seconds is not None:
