@@ -26,9 +26,19 @@ def test_identical_gpus_are_grouped_with_a_count(tmp_path: Path) -> None:
     }
 
 
-def test_no_or_a_failing_nvidia_smi_means_no_gpus(tmp_path: Path) -> None:
+def test_a_machine_without_nvidia_smi_has_no_gpus_and_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     assert hardware.gpus(str(tmp_path / "absent")) == []
-    assert hardware.gpus(_fake_nvidia_smi(tmp_path, "NVIDIA-SMI has failed\n", exit_code=9)) == []
+    assert caplog.records == []
+
+
+def test_a_failing_nvidia_smi_means_no_gpus_and_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    smi = _fake_nvidia_smi(tmp_path, "NVIDIA RTX A2000, 6138\n", exit_code=9)
+    assert hardware.gpus(smi) == []
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
 
 
 def test_memory_is_read_from_meminfo(tmp_path: Path) -> None:
