@@ -66,12 +66,16 @@ def _established(crd: Any) -> bool:
     )
 
 
-def apply(api: client.ApiClient, manifests: list[dict[str, Any]], manager: str = "edgellm") -> None:
-    """Server-side applies each manifest: created when absent, brought to this shape otherwise."""
+def apply(
+    api: client.ApiClient, manifests: list[dict[str, Any]], manager: str = "edgellm"
+) -> list[dict[str, Any]]:
+    """Server-side applies each manifest: created when absent, brought to this shape otherwise.
+    Returns the objects as the apiserver stored them."""
     dynamic = DynamicClient(api)
+    applied = []
     for manifest in manifests:
         resource = dynamic.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
-        dynamic.server_side_apply(
+        result = dynamic.server_side_apply(
             resource,
             body=manifest,
             name=manifest["metadata"]["name"],
@@ -79,3 +83,5 @@ def apply(api: client.ApiClient, manifests: list[dict[str, Any]], manager: str =
             field_manager=manager,
             force_conflicts=True,
         )
+        applied.append(result.to_dict())
+    return applied

@@ -147,6 +147,7 @@ class OperatorProcess:
                     f"--kubeconfig={self.kubeconfig}",
                     "--peer-removal-grace=8",
                     "--sync-interval=1",
+                    "--pool-interval=1",
                     f"--metrics-port={self.metrics_port}",
                     "--verbose",
                 ],

@@ -54,6 +54,18 @@ def test_request_columns_and_names_are_as_kubectl_users_expect() -> None:
     assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
 
 
+def test_pool_columns_and_names_are_as_kubectl_users_expect() -> None:
+    crd = custom_resource_definition(next(k for k in KINDS if k.kind == "WorkerPool"))
+    assert crd["spec"]["scope"] == "Namespaced"
+    assert crd["spec"]["names"]["shortNames"] == ["wp"]
+    version = crd["spec"]["versions"][0]
+    columns = [c["name"] for c in version["additionalPrinterColumns"] if "priority" not in c]
+    assert columns == ["Model", "Backend", "Demand", "Desired", "Ready", "Available", "Age"]
+    assert version["subresources"] == {"status": {}}
+    rules = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
+    assert {r["rule"] for r in rules} >= {"self.minReplicas <= self.maxReplicas"}
+
+
 def test_generated_yaml_has_no_anchors() -> None:
     for text in crd_files().values():
         assert "&id" not in text

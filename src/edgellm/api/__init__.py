@@ -42,6 +42,14 @@ from edgellm.api.peernode import (
     PeerNodeStatus,
     PeerResources,
 )
+from edgellm.api.workerpool import (
+    ModelSource,
+    Toleration,
+    WorkerPool,
+    WorkerPoolSpec,
+    WorkerPoolStatus,
+    WorkerResources,
+)
 
 __all__ = [
     "API_VERSION",
@@ -63,6 +71,7 @@ __all__ = [
     "InferenceRequestStatus",
     "LabelSelector",
     "ModelName",
+    "ModelSource",
     "ObjectMeta",
     "PeerLoad",
     "PeerName",
@@ -73,7 +82,12 @@ __all__ = [
     "Phase",
     "ResourceKind",
     "SamplingParams",
+    "Toleration",
     "TrustLevel",
+    "WorkerPool",
+    "WorkerPoolSpec",
+    "WorkerPoolStatus",
+    "WorkerResources",
     "condition_status",
     "crd_files",
     "custom_resource_definition",

@@ -19,6 +19,7 @@ from edgellm.api._common import GROUP, VERSION
 from edgellm.api.federationmember import FederationMemberSpec, FederationMemberStatus
 from edgellm.api.inferencerequest import InferenceRequestSpec, InferenceRequestStatus
 from edgellm.api.peernode import PeerNodeSpec, PeerNodeStatus
+from edgellm.api.workerpool import WorkerPoolSpec, WorkerPoolStatus
 
 JSONSchema = dict[str, Any]
 
@@ -102,6 +103,26 @@ KINDS: tuple[ResourceKind, ...] = (
             PrinterColumn(
                 "TTFT", ".status.timings.ttftSeconds", "number", "Seconds to first token"
             ),
+            PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+        ),
+    ),
+    ResourceKind(
+        kind="WorkerPool",
+        plural="workerpools",
+        short_names=("wp",),
+        scope="Namespaced",
+        description="Warm prefill/decode workers for one model, kept on suitable cluster nodes.",
+        spec=WorkerPoolSpec,
+        status=WorkerPoolStatus,
+        columns=(
+            PrinterColumn("Model", ".spec.model"),
+            PrinterColumn("Backend", ".spec.backend"),
+            PrinterColumn("Demand", ".status.demand", "integer", "Unfinished requests"),
+            PrinterColumn("Desired", ".status.desiredReplicas", "integer", "Workers wanted"),
+            PrinterColumn("Ready", ".status.readyReplicas", "integer", "Workers ready"),
+            PrinterColumn("Available", '.status.conditions[?(@.type=="Available")].status'),
+            PrinterColumn("Role", ".spec.role", priority=1),
+            PrinterColumn("GPUs", ".spec.resources.gpus", "integer", "GPUs per worker", 1),
             PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
         ),
     ),

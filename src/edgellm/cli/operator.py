@@ -22,12 +22,16 @@ def run_operator(
     sync_interval: Annotated[
         float, typer.Option(help="Seconds between probes and mirror syncs of each member.")
     ] = 5.0,
+    pool_interval: Annotated[
+        float, typer.Option(help="Seconds between sizings of every WorkerPool to its demand.")
+    ] = 5.0,
     metrics_port: Annotated[
         int, typer.Option(help="Prometheus /metrics port; 0 turns it off.")
     ] = 9090,
     verbose: VerboseOption = False,
 ) -> None:
-    """Run the operator: peer health, Nodes as peers, federation membership and mirroring."""
+    """Run the operator: peer health, Nodes as peers, federation membership and mirroring,
+    requests and worker pools."""
     configure_logging(verbose)
     run(
         OperatorSettings(
@@ -35,6 +39,7 @@ def run_operator(
             kubeconfig=kubeconfig,
             peer_removal_grace_seconds=peer_removal_grace,
             sync_interval_seconds=sync_interval,
+            pool_interval_seconds=pool_interval,
             metrics_port=metrics_port,
         )
     )

@@ -14,10 +14,13 @@ JOINERS_GROUP = f"system:serviceaccounts:{JOIN_NAMESPACE}"
 IDENTITY_CONFIGMAP = "identity"
 
 OPERATORS_GROUP = "edgellm:operators"
-OPERATOR_SERVICE_ACCOUNT = "system:serviceaccount:edgellm-system:edgellm-operator"
+OPERATOR_NAMESPACE = "edgellm-system"
+OPERATOR_ACCOUNT = "edgellm-operator"
+OPERATOR_SERVICE_ACCOUNT = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
 MIRROR_POLICY = "edgellm-peer-mirrors"
 
 MEMBER_ROLE = "edgellm:federation-member"
+WORKER_POOLS_ROLE = "edgellm:operator-worker-pools"
 JOINER_ROLE = "edgellm:federation-joiner"
 CREDENTIALS_ROLE = "edgellm:federation-credentials"
 
@@ -50,7 +53,8 @@ def _binding(kind: str, name: str, role_kind: str, role: str, group: str) -> dic
 
 
 def federation_manifests(cluster: str) -> list[dict[str, Any]]:
-    """Everything a cluster needs before it can join or be joined, identity included."""
+    """Everything a cluster needs before it can join or be joined, identity included, and the
+    operator's role for worker pools."""
     namespaces = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
         for name in (FEDERATION_NAMESPACE, JOIN_NAMESPACE)
@@ -111,7 +115,52 @@ def federation_manifests(cluster: str) -> list[dict[str, Any]]:
             "RoleBinding", f"{CREDENTIALS_ROLE}-joiners", "Role", CREDENTIALS_ROLE, JOINERS_GROUP
         ),
         identity,
+        *worker_pools_manifests(),
     ]
+
+
+def worker_pools_manifests() -> list[dict[str, Any]]:
+    """What the operator needs to keep WorkerPools' Deployments, and nothing more, bound to the
+    operator's group and its in-cluster ServiceAccount."""
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": WORKER_POOLS_ROLE},
+        "rules": [
+            # Watch pools (wakes the loop on a new spec) and list them every interval.
+            _rule("edgellm.io", ["workerpools"], ["list", "watch"]),
+            # Report replicas, demand and conditions: the status subresource only.
+            _rule("edgellm.io", ["workerpools/status"], ["patch"]),
+            # The Deployment's owner reference blocks the pool's deletion (blockOwnerDeletion);
+            # where the OwnerReferencesPermissionEnforcement admission plugin is on, setting
+            # that needs this.
+            _rule("edgellm.io", ["workerpools/finalizers"], ["update"]),
+            # Demand: the unfinished requests for each pool's model.
+            _rule("edgellm.io", ["inferencerequests"], ["list"]),
+            # Check a Deployment of the pool's name is the pool's own, then server-side apply it
+            # (apply creates or patches). No delete: the garbage collector follows the owner.
+            _rule("apps", ["deployments"], ["get", "create", "patch"]),
+            # Why workers are not ready: the scheduler's PodScheduled condition on the pods.
+            _rule("", ["pods"], ["list"]),
+            # Events on the pools for `kubectl describe`.
+            _rule("", ["events"], ["create"]),
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": WORKER_POOLS_ROLE},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": WORKER_POOLS_ROLE,
+        },
+        "subjects": [
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": OPERATORS_GROUP},
+            {"kind": "ServiceAccount", "namespace": OPERATOR_NAMESPACE, "name": OPERATOR_ACCOUNT},
+        ],
+    }
+    return [role, binding]
 
 
 def mirror_policy() -> list[dict[str, Any]]:

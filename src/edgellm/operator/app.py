@@ -1,7 +1,8 @@
 """The kopf registry of EdgeLLM's operator, and how to run it.
 
 Handlers stay thin: they hand watch events and timers to the `Runtime`, which holds the logic's
-state. Nothing registers at import time: `build_registry(settings)` returns a fresh registry.
+state, and to the `PoolReconciler` of worker pools. Nothing registers at import time:
+`build_registry(settings)` returns a fresh registry.
 """
 
 import asyncio
@@ -18,10 +19,12 @@ from edgellm.api.inferencerequest import TERMINAL_PHASES
 from edgellm.kube import new_api_client
 from edgellm.operator.metrics import OperatorMetrics
 from edgellm.operator.nodepeers import NODE_PEER_LABEL
+from edgellm.operator.poolreconciler import PoolReconciler
 from edgellm.operator.runtime import Runtime
 from edgellm.operator.settings import OperatorSettings
 
 RUNTIME = "runtime"
+POOLS = "pools"
 
 
 def build_registry(
@@ -42,16 +45,30 @@ def build_registry(
         settings.watching.server_timeout = 60
         memo[RUNTIME] = runtime = Runtime(operator_settings, _local_client(), metrics)
         runtime.start()
+        memo[POOLS] = pools = PoolReconciler(
+            runtime.local, runtime.events, operator_settings.pool_interval_seconds
+        )
+        pools.start()
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
         runtime: Runtime = memo[RUNTIME]
+        await memo[POOLS].stop()
         await runtime.stop()
         runtime.local.close()
 
     @kopf.on.event("edgellm.io", "v1alpha1", "peernodes", registry=registry)
     def peer_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         memo[RUNTIME].on_peer_event(event["type"], dict(event["object"]))
+
+    @kopf.on.event("edgellm.io", "v1alpha1", "workerpools", registry=registry)
+    async def pool_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # A new pool or a changed spec is reconciled at once; everything else (demand, pods)
+        # by the pool loop's interval. No timer per pool: timers add finalizers, and deleting a
+        # pool must not wait for the operator (the garbage collector removes its Deployment).
+        observed = body.get("status", {}).get("observedGeneration")
+        if observed != body["metadata"].get("generation"):
+            memo[POOLS].wake()
 
     @kopf.daemon(
         "edgellm.io",
