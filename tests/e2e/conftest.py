@@ -213,9 +213,15 @@ def joined(
     return federation
 
 
+@dataclass
+class Worker:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
 @contextmanager
-def worker_process(model: Path) -> Iterator[str]:
-    """`edgellm worker` serving `model` on a free loopback port; yields its URL once healthy."""
+def worker_process(model: Path) -> Iterator[Worker]:
+    """`edgellm worker` serving `model` on a free loopback port, once it answers /healthz."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "edgellm", "worker", f"--model={model}", f"--port={port}"],
@@ -232,7 +238,7 @@ def worker_process(model: Path) -> Iterator[str]:
 
     try:
         eventually(healthy, 60, f"the worker for {model.name} answers /healthz")
-        yield url
+        yield Worker(url, process)
     finally:
         process.terminate()
         try:
@@ -240,3 +246,45 @@ def worker_process(model: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@dataclass
+class ServingPeer:
+    name: str
+    worker: Worker
+
+
+@contextmanager
+def serving_peer(kubeconfig: Path, name: str, model: Path) -> Iterator[ServingPeer]:
+    """A worker serving `model`, joined as the peer `name` of kubeconfig's cluster, once it is
+    Ready there; it leaves at the end."""
+    with worker_process(model) as worker:
+        join = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "edgellm", "join", f"--kubeconfig={kubeconfig}"),
+                f"--name={name}",
+                f"--endpoint={worker.url}",
+                f"--models-dir={model.parent}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def ready() -> bool:
+            with api_client(yaml.safe_load(kubeconfig.read_text())) as api:
+                try:
+                    body = client.CustomObjectsApi(api).get_cluster_custom_object(
+                        "edgellm.io", "v1alpha1", "peernodes", name
+                    )
+                except client.ApiException:
+                    return False
+            conditions = body.get("status", {}).get("conditions", [])
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+        try:
+            eventually(ready, 120, f"the peer {name} is Ready")
+            yield ServingPeer(name, worker)
+        finally:
+            join.terminate()
+            join.wait(timeout=30)
+            edgellm("leave", f"--kubeconfig={kubeconfig}", f"--name={name}", "--deadline=0")

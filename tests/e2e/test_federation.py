@@ -155,8 +155,8 @@ def slow_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     """A worker serving the bench model, slow enough on a CPU that a request stays in flight
     for a while; yields its URL and its models directory."""
     models = tmp_path_factory.mktemp("models")
-    with worker_process(write_model(models / "bench-random.gguf", BENCH)) as url:
-        yield url, models
+    with worker_process(write_model(models / "bench-random.gguf", BENCH)) as worker:
+        yield worker.url, models
 
 
 def _request_phase(cluster: LocalCluster, name: str) -> str | None:

@@ -18,8 +18,8 @@ GREEDY = {"maxTokens": 16, "temperature": 0}
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with worker_process(
         write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY)
-    ) as url:
-        yield url
+    ) as worker:
+        yield worker.url
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def slow_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     the test cancels it."""
     with worker_process(
         write_model(tmp_path_factory.mktemp("models") / "bench-random.gguf", BENCH)
-    ) as url:
-        yield url
+    ) as worker:
+        yield worker.url
 
 
 def test_health_names_the_model_and_its_context(worker: str) -> None:

@@ -97,6 +97,9 @@ class SamplingParams(Model):
     """Penalises tokens that already appeared."""
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     """Penalises tokens by how often they already appeared."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token, up to maxTokens (as vLLM's ignore_eos;
+    for benchmarks and tests that need a known length)."""
 
 
 class Session(Model):
@@ -244,7 +247,8 @@ class InferenceRequestStatus(Model):
     timings: Timings = Field(default_factory=Timings)
     """How long each part took."""
     output: Output | None = None
-    """What the model generated, once it finished."""
+    """What the model generated: while Running, the text and tokens so far (a request resumed
+    on another peer goes on from them); once finished, the whole."""
     start_time: datetime | None = None
     """When a worker started the request."""
     completion_time: datetime | None = None

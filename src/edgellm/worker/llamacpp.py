@@ -8,6 +8,7 @@ caller gives requests turns (the server's `turn`); prompts that share a prefix w
 one reuse its KV cache.
 """
 
+import codecs
 import threading
 import time
 from collections.abc import Generator
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
 from jinja2 import Template  # the engine of chat templates, as in llama.cpp's own server
-from llama_cpp import Llama
+from llama_cpp import Llama, LogitsProcessorList
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -31,6 +34,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,26 +74,38 @@ class LlamaCppBackend:
     def tokenize(self, text: str) -> list[int]:
         return list(self._llama.tokenize(text.encode(), add_bos=True, special=True))
 
+    def context_tokens(self) -> list[int]:
+        """The tokens whose KV the context holds (the last prompt and its generation)."""
+        return [int(t) for t in self._llama.input_ids[: self._llama.n_tokens]]
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The prompt text of a chat, from the model's own chat template."""
         template = self._llama.metadata.get("tokenizer.chat_template", "")
         return str(Template(template).render(messages=messages, add_generation_prompt=True))
 
     def generate(
-        self, prompt: str, sampling: Sampling, usage: Usage, cancelled: threading.Event
+        self,
+        prompt: str,
+        sampling: Sampling,
+        usage: Usage,
+        cancelled: threading.Event,
+        continuation: str = "",
     ) -> Generator[Piece, None, None]:
-        """Yields the generated text token by token; `usage` is filled as it goes."""
-        tokens = self.tokenize(prompt)
+        """Yields the generated text token by token; `usage` is filled as it goes.
+
+        `continuation` is text already generated for this prompt (by a peer that was lost): it
+        joins the prompt's context, and generation goes on after it.
+        """
+        # One tokenization of the whole: tokenizing the continuation alone would add a space.
+        tokens = self.tokenize(prompt + continuation)
         if len(tokens) + sampling.max_tokens > self.context:
             raise PromptTooLongError(
                 f"the prompt has {len(tokens)} tokens and maxTokens is {sampling.max_tokens}:"
                 f" more than the model's context of {self.context}"
             )
-        usage.prompt_tokens = len(tokens)
+        usage.prompt_tokens = len(self.tokenize(prompt)) if continuation else len(tokens)
         started = time.monotonic()
-        usage.cached_tokens = _common_prefix(
-            list(self._llama.input_ids[: self._llama.n_tokens]), tokens
-        )
+        usage.cached_tokens = _common_prefix(self.context_tokens(), tokens)
         if sampling.seed is not None:
             self._llama.set_seed(sampling.seed)
         # Token by token, so counts are exact and a cancel stops at the next token.
@@ -100,8 +116,13 @@ class LlamaCppBackend:
             temp=sampling.temperature,
             frequency_penalty=sampling.frequency_penalty,
             presence_penalty=sampling.presence_penalty,
+            logits_processor=LogitsProcessorList([self._without_eos])
+            if sampling.ignore_eos
+            else None,
         )
-        pending = b""  # bytes of a character split across tokens
+        # Holds a character split across tokens; bytes that can never be UTF-8 become U+FFFD,
+        # or one stray byte token would swallow all the text after it.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = ""
         for token in tokens_out:
             if cancelled.is_set():
@@ -113,13 +134,7 @@ class LlamaCppBackend:
                 yield Piece("", "stop")
                 return
             usage.completion_tokens += 1
-            pending += self._llama.detokenize([token], special=False)
-            try:
-                piece = pending.decode()
-            except UnicodeDecodeError:
-                piece = ""
-            else:
-                pending = b""
+            piece = decoder.decode(self._llama.detokenize([token], special=False))
             text += piece
             stop_at = min((i for s in sampling.stop if (i := text.find(s)) >= 0), default=-1)
             if stop_at >= 0:
@@ -129,6 +144,13 @@ class LlamaCppBackend:
                 yield Piece(piece, "length")
                 return
             yield Piece(piece)
+
+    def _without_eos(
+        self, _: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
+        # As llama.cpp's server does for ignore_eos: the end token can never be drawn.
+        scores[self._llama.token_eos()] = -np.inf
+        return scores
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -9,7 +9,8 @@ worker accepts exactly what an InferenceRequest may say.
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -22,9 +23,11 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import Field, ValidationError
+from starlette.background import BackgroundTask
 
 from edgellm.api import ChatMessage, SamplingParams
 from edgellm.api._common import Model
+from edgellm.worker.kvevents import KVEvents
 from edgellm.worker.llamacpp import LlamaCppBackend, Piece, PromptTooLongError, Sampling, Usage
 
 
@@ -35,6 +38,8 @@ class GenerateRequest(Model):
     """Names the generation for `DELETE /v1/generate/{id}`."""
     prompt: str | None = Field(default=None, min_length=1)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    continuation: str = ""
+    """Text already generated for this prompt by a lost peer: generation goes on after it."""
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     stream: bool = False
 
@@ -44,17 +49,72 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
-def create_app(backend: LlamaCppBackend, model: str) -> FastAPI:
+class Generation:
+    """One generation while it holds the model's turn.
+
+    `close` stops it and gives the turn back once its thread has left the model, however the
+    request ended: finished, cancelled, or its client gone mid-token. It never awaits, because
+    a task cancelled by a client's disconnect is cancelled again at each await of its cleanup.
+    """
+
+    def __init__(
+        self,
+        pieces: Iterator[Piece],
+        cancelled: threading.Event,
+        turn: asyncio.Lock,
+        on_close: Callable[[str], None],
+    ) -> None:
+        self._pieces = pieces
+        self._cancelled = cancelled
+        self._turn = turn
+        self._on_close = on_close
+        self._step: asyncio.Future[Piece | None] | None = None
+        self._reason = "cancelled"  # until a piece says otherwise
+        self._closed = False
+
+    async def next(self) -> Piece | None:
+        """The next piece, None after the last; the first one checks the prompt's length."""
+        self._step = asyncio.ensure_future(asyncio.to_thread(next, self._pieces, None))
+        piece = await asyncio.shield(self._step)  # a cancelled caller leaves the thread be
+        if piece is not None and piece.finish_reason:
+            self._reason = piece.finish_reason
+        return piece
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._cancelled.set()
+
+        def release(_: object = None) -> None:
+            self._on_close(self._reason)  # the model is idle: its state may be read
+            self._turn.release()
+
+        if self._step is None or self._step.done():
+            release()
+        else:
+            self._step.add_done_callback(release)
+
+
+def create_app(backend: LlamaCppBackend, model: str, kv_events: KVEvents | None = None) -> FastAPI:
     app = FastAPI(title="EdgeLLM worker")
     running: dict[str, threading.Event] = {}
     turn = asyncio.Lock()  # one generation at a time: llama.cpp's context is single
     metrics = CollectorRegistry()
     tokens = Counter("edgellm_worker_generated_tokens", "Tokens generated.", registry=metrics)
+    finished = Counter(
+        "edgellm_worker_requests",
+        "Generations finished, by why they stopped.",
+        ["finish_reason"],
+        registry=metrics,
+    )
     ttft = Histogram(
         "edgellm_worker_time_to_first_token_seconds",
         "From request to first token.",
         registry=metrics,
     )
+    if kv_events is not None:
+        kv_events.publisher.publish([kv_events.tracker.clear()])
 
     @app.get("/healthz")
     def health() -> dict[str, Any]:
@@ -81,53 +141,51 @@ def create_app(backend: LlamaCppBackend, model: str) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             return _error(400, "exactly one of prompt or messages must be set")
         prompt = body.prompt or backend.chat_prompt([m.model_dump() for m in body.messages or []])
-        s = body.sampling
-        sampling = Sampling(
-            s.max_tokens,
-            s.temperature,
-            s.top_p,
-            s.top_k,
-            s.seed,
-            tuple(s.stop),
-            s.presence_penalty,
-            s.frequency_penalty,
-        )
+        sampling = Sampling(**{**body.sampling.model_dump(), "stop": tuple(body.sampling.stop)})
         cancelled = threading.Event()
         usage = Usage()
-        pieces = backend.generate(prompt, sampling, usage, cancelled)
+
+        def finish(reason: str) -> None:
+            running.pop(body.id, None)
+            tokens.inc(usage.completion_tokens)
+            finished.labels(reason).inc()
+            if usage.first_token_seconds is not None:
+                ttft.observe(usage.first_token_seconds)
+            if kv_events is not None:
+                kv_events.after_generation(backend.context_tokens())
+
         if body.id:  # cancellable while it waits for the model, too
             running[body.id] = cancelled
         # Waiting requests wait here, not in worker threads: threads blocked on the model's
         # lock would starve the one generation that holds it.
-        await turn.acquire()
         try:
-            first = await asyncio.to_thread(next, pieces, None)  # validates the prompt's length
-        except PromptTooLongError as e:
-            turn.release()
-            running.pop(body.id, None)
-            return _error(400, str(e))
-        except BaseException:  # the client left before the first token
-            cancelled.set()
-            turn.release()
+            await turn.acquire()
+        except BaseException:  # the client left while it waited
             running.pop(body.id, None)
             raise
+        generation = Generation(
+            backend.generate(prompt, sampling, usage, cancelled, body.continuation),
+            cancelled,
+            turn,
+            finish,
+        )
+        try:
+            first = await generation.next()
+        except PromptTooLongError as e:
+            generation.close()
+            return _error(400, str(e))
+        except BaseException:  # the client left before the first token
+            generation.close()
+            raise
 
-        async def pull() -> AsyncIterator[Piece]:
-            piece, step = first, None
+        async def pull() -> AsyncGenerator[Piece, None]:
+            piece = first
             try:
                 while piece is not None:
                     yield piece
-                    step = asyncio.ensure_future(asyncio.to_thread(next, pieces, None))
-                    piece = await asyncio.shield(step)
+                    piece = await generation.next()
             finally:
-                cancelled.set()  # a client gone mid-stream stops the generation
-                if step is not None and not step.done():
-                    await asyncio.wait({step})  # the model is free only once its token is out
-                turn.release()
-                running.pop(body.id, None)
-                tokens.inc(usage.completion_tokens)
-                if usage.first_token_seconds is not None:
-                    ttft.observe(usage.first_token_seconds)
+                generation.close()  # a client gone mid-stream stops the generation
 
         def summary(finish_reason: str | None) -> dict[str, Any]:
             return {
@@ -143,19 +201,30 @@ def create_app(backend: LlamaCppBackend, model: str) -> FastAPI:
         if body.stream:
 
             async def events() -> AsyncIterator[str]:
-                async for piece in pull():
-                    if piece.text:
-                        yield f"data: {json.dumps({'text': piece.text})}\n\n"
-                    if piece.finish_reason:
-                        yield f"data: {json.dumps(summary(piece.finish_reason))}\n\n"
+                async with aclosing(pull()) as pieces:
+                    async for piece in pieces:
+                        if piece.text:
+                            # With the count so far, a resumed request knows its token budget.
+                            event = {"text": piece.text, "tokens": usage.completion_tokens}
+                            yield f"data: {json.dumps(event)}\n\n"
+                        if piece.finish_reason:
+                            yield f"data: {json.dumps(summary(piece.finish_reason))}\n\n"
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            async def close() -> None:  # async: starlette runs sync tasks in threads
+                generation.close()
+
+            # A client gone while its stream waits to send leaves `events` suspended, never
+            # closed: the background task still closes the generation.
+            return StreamingResponse(
+                events(), media_type="text/event-stream", background=BackgroundTask(close)
+            )
 
         text, reason = [], None
-        async for piece in pull():
-            text.append(piece.text)
-            reason = piece.finish_reason or reason
+        async with aclosing(pull()) as pieces:
+            async for piece in pieces:
+                text.append(piece.text)
+                reason = piece.finish_reason or reason
         return JSONResponse({"id": body.id, "text": "".join(text), **summary(reason)})
 
     return app
