@@ -1,8 +1,7 @@
 """InferenceRequests end to end: the real operator schedules them onto a real llama.cpp worker
 (the generated tiny model) registered as a peer, and writes the answer into the status."""
 
-import subprocess
-import sys
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,48 +13,23 @@ from edgellm.api import GROUP, VERSION
 from edgellm.dev.federation import LocalFederation
 from edgellm.kube import api_client
 from edgellm.worker.models import TINY, write_model
-from tests.e2e.conftest import OperatorProcess, eventually, worker_process
+from tests.e2e.conftest import OperatorProcess, eventually, serving_peer
 
 DONE = 120.0
+EMPTY_PROMPT = {"name": "prompts", "key": "empty"}
 
 
 @pytest.fixture(scope="module")
-def serving_peer(
+def tiny_peer(
     joined: LocalFederation,
     operators: dict[str, OperatorProcess],
     cluster_kubeconfigs: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """A worker serving tiny-random, joined as the peer edge-1-worker."""
-    models = tmp_path_factory.mktemp("models")
-    model = write_model(models / "tiny-random.gguf", TINY)
-    with worker_process(model) as url:
-        peer = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "edgellm",
-                "join",
-                f"--kubeconfig={cluster_kubeconfigs['edge-1']}",
-                "--name=edge-1-worker",
-                f"--endpoint={url}",
-                f"--models-dir={models}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def ready() -> bool:
-            body = _get(joined, "peernodes", "edge-1-worker")
-            conditions = (body or {}).get("status", {}).get("conditions", [])
-            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-        try:
-            eventually(ready, DONE, "the worker's peer is Ready")
-            yield "edge-1-worker"
-        finally:
-            peer.terminate()
-            peer.wait(timeout=30)
+    model = write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY)
+    with serving_peer(cluster_kubeconfigs["edge-1"], "edge-1-worker", model) as peer:
+        yield peer.name
 
 
 def _get(joined: LocalFederation, plural: str, name: str) -> dict[str, Any] | None:
@@ -83,9 +57,13 @@ def _submit(joined: LocalFederation, name: str, **spec: Any) -> None:
         "kind": "InferenceRequest",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {
-            "model": "tiny-random",
-            "messages": [{"role": "user", "content": "Hello there"}],
-            **spec,
+            key: value
+            for key, value in {
+                "model": "tiny-random",
+                "messages": [{"role": "user", "content": "Hello there"}],
+                **spec,
+            }.items()
+            if value is not None
         },
     }
     with api_client(joined.clusters[0].kubeconfig("admin")) as api:
@@ -114,12 +92,12 @@ def _events(joined: LocalFederation, name: str) -> set[str]:
 
 
 def test_a_request_succeeds_with_text_tokens_and_timings(
-    joined: LocalFederation, serving_peer: str
+    joined: LocalFederation, tiny_peer: str
 ) -> None:
     _submit(joined, "first-answer", sampling={"maxTokens": 24, "temperature": 0})
     status = _finished(joined, "first-answer")
     assert status["phase"] == "Succeeded", status
-    assert status["assignment"]["decodePeer"] == serving_peer
+    assert status["assignment"]["decodePeer"] == tiny_peer
     assert status["assignment"]["attempts"] == 1
     output = status["output"]
     assert output["text"]
@@ -132,30 +110,66 @@ def test_a_request_succeeds_with_text_tokens_and_timings(
     assert {"PeerChosen", "Generating", "Generated"} <= _events(joined, "first-answer")
 
 
-def test_concurrent_requests_all_succeed(joined: LocalFederation, serving_peer: str) -> None:
-    names = [f"concurrent-{i}" for i in range(10)]
+def test_concurrent_requests_all_succeed(joined: LocalFederation, tiny_peer: str) -> None:
+    names = [f"concurrent-{i}" for i in range(20)]
     for name in names:
         _submit(joined, name, sampling={"maxTokens": 8})
     phases = [_finished(joined, name)["phase"] for name in names]
     assert phases == ["Succeeded"] * len(names)
 
 
-def test_an_unknown_model_fails_saying_so(joined: LocalFederation, serving_peer: str) -> None:
-    _submit(joined, "unknown-model", model="llama-9000b")
-    status = _finished(joined, "unknown-model")
-    assert status["phase"] == "Failed"
-    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
-    assert complete["reason"] == "UnknownModel"
-    assert "no peer of the federation holds model 'llama-9000b'" in complete["message"]
-    assert "UnknownModel" in _events(joined, "unknown-model")
-
-
-def test_max_tokens_beyond_the_context_fails_saying_so(
-    joined: LocalFederation, serving_peer: str
+@pytest.mark.parametrize(
+    ("name", "spec", "reason", "says"),
+    [
+        (
+            "unknown-model",
+            {"model": "llama-9000b"},
+            "UnknownModel",
+            "no peer of the federation holds model 'llama-9000b'",
+        ),
+        (
+            "too-long",
+            {"sampling": {"maxTokens": 4000}},
+            "InvalidRequest",
+            "more than the model's context of 2048",
+        ),
+        (
+            "no-peer-able",
+            {"placement": {"clusters": ["edge-3"]}},
+            "NoPeerAvailable",
+            "is outside placement.clusters",
+        ),
+        (
+            "empty-prompt",
+            {
+                "messages": None,
+                "promptFrom": {"configMapKeyRef": {"name": "prompts", "key": "empty"}},
+            },
+            "EmptyPrompt",
+            "key 'empty' of prompts is empty",
+        ),
+    ],
+)
+def test_a_bad_request_fails_saying_why_and_disturbs_nothing(
+    joined: LocalFederation, tiny_peer: str, name: str, spec: dict[str, Any], reason: str, says: str
 ) -> None:
-    _submit(joined, "too-long", sampling={"maxTokens": 4000})
-    status = _finished(joined, "too-long")
+    with api_client(joined.clusters[0].kubeconfig("admin")) as api:
+        prompts = {"metadata": {"name": "prompts"}, "data": {"empty": ""}}
+        with contextlib.suppress(client.ApiException):  # made by an earlier case
+            client.CoreV1Api(api).create_namespaced_config_map("default", prompts)
+    _submit(joined, name, **spec)
+    _submit(joined, f"{name}-neighbour", sampling={"maxTokens": 8})
+    status = _finished(joined, name)
     assert status["phase"] == "Failed"
     complete = next(c for c in status["conditions"] if c["type"] == "Complete")
-    assert complete["reason"] == "InvalidRequest"
-    assert "more than the model's context of 2048" in complete["message"]
+    assert complete["reason"] == reason
+    assert says in complete["message"]
+    assert reason in _events(joined, name)
+    assert _finished(joined, f"{name}-neighbour")["phase"] == "Succeeded"
+
+
+def test_an_empty_prompt_is_refused_at_apply(joined: LocalFederation, tiny_peer: str) -> None:
+    with pytest.raises(client.ApiException) as refused:
+        _submit(joined, "empty-inline", messages=None, prompt="")
+    assert refused.value.status == 422
+    assert "spec.prompt" in str(refused.value.body)

@@ -47,13 +47,28 @@ class RequestFailedError(Exception):
 
 
 @dataclass
+class Progress:
+    """What the request's workers generated so far, over all its attempts."""
+
+    text: str = ""
+    tokens: int = 0
+
+    @classmethod
+    def of(cls, status: InferenceRequestStatus) -> "Progress":
+        """What an earlier attempt (maybe under an operator that was restarted) wrote."""
+        if status.output is None:
+            return cls()
+        return cls(status.output.text or "", status.output.completion_tokens)
+
+
+@dataclass
 class Attempt:
     """What one worker produced for the request."""
 
     text: list[str] = field(default_factory=list)
+    tokens: int = 0
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
-    first_token_at: float | None = None
 
 
 class RequestRunner:
@@ -64,12 +79,14 @@ class RequestRunner:
         events: EventRecorder,
         peers: dict[str, Body],
         profile: Profile,
+        progress_interval: float = 1.0,
     ) -> None:
         self.local = local
         self.cluster = cluster
         self.events = events
         self.peers = peers  # the operator's live view: own peers and mirrors
         self.profile = profile
+        self.progress_interval = progress_interval
 
     async def run(self, body: Body, stopped: asyncio.Event) -> None:
         metadata = body["metadata"]
@@ -84,6 +101,10 @@ class RequestRunner:
             return
         deadline = created.timestamp() + spec.timeout_seconds
         excluded: set[str] = set()
+        progress = Progress.of(status)
+        if status.assignment.decode_peer is not None:
+            # An operator stopped mid-request: its generation must not go on beside ours.
+            await self._cancel(status.assignment.decode_peer, _generation_id(body, status))
         try:
             prompt = await asyncio.to_thread(self._prompt, spec, metadata["namespace"])
             while True:
@@ -93,36 +114,48 @@ class RequestRunner:
                 status.assignment.cluster = decision.peer.peer.spec.cluster
                 status.assignment.attempts += 1
                 status.phase = "Scheduled"
+                logger.info(
+                    "%s/%s: attempt %d on %s after %d tokens",
+                    metadata["namespace"],
+                    metadata["name"],
+                    status.assignment.attempts,
+                    peer,
+                    progress.tokens,
+                )
                 await self._transition(
                     body,
                     status,
                     "Scheduled",
                     "True",
                     "PeerChosen",
-                    f"on {decision.peer.name} (attempt {status.assignment.attempts})",
+                    f"on {decision.peer.name} (attempt {status.assignment.attempts})"
+                    + (f", after {progress.tokens} tokens" if progress.tokens else ""),
                 )
                 remaining = deadline - time.time()
                 if remaining <= 0:
                     raise RequestFailedError(
                         "Timeout", f"not finished within {spec.timeout_seconds}s"
                     )
+                attempt = Attempt()
                 try:
-                    attempt = await self._generate(
-                        body, status, decision, spec, prompt, remaining, stopped
+                    finished = await self._generate(
+                        body, status, decision, spec, prompt, progress, attempt, remaining, stopped
                     )
                 except (httpx.TransportError, httpx.RemoteProtocolError) as e:
                     excluded.add(decision.peer.name)
+                    progress = Progress(progress.text + "".join(attempt.text), attempt.tokens)
                     await asyncio.to_thread(
                         self.events.record,
                         body,
                         "Warning",
                         "PeerLost",
-                        f"{decision.peer.name} failed mid-request ({e}); scheduling again",
+                        f"{decision.peer.name} failed mid-request ({e}); resuming elsewhere"
+                        f" after {progress.tokens} tokens",
                     )
                     continue
-                if attempt is None:  # deleted: the worker was told to stop
+                if not finished:  # deleted: the worker was told to stop
                     return
-                self._complete(status, attempt, created)
+                self._complete(status, progress, attempt, created)
                 await self._finish(
                     body,
                     status,
@@ -160,8 +193,10 @@ class RequestRunner:
                 )
         except client.ApiException as e:
             raise RequestFailedError("PromptNotFound", f"cannot read {ref.name}: {e.reason}") from e
-        if not value:
+        if value is None:
             raise RequestFailedError("PromptNotFound", f"{ref.name} has no key {ref.key!r}")
+        if not value:
+            raise RequestFailedError("EmptyPrompt", f"key {ref.key!r} of {ref.name} is empty")
         return {"prompt": value}
 
     def _schedule(self, spec: InferenceRequestSpec, excluded: frozenset[str]) -> Decision:
@@ -187,27 +222,42 @@ class RequestRunner:
         decision: Decision,
         spec: InferenceRequestSpec,
         prompt: dict[str, Any],
+        progress: Progress,
+        attempt: Attempt,
         budget_seconds: float,
         stopped: asyncio.Event,
-    ) -> Attempt | None:
-        """Streams the generation; None when the request was deleted meanwhile."""
+    ) -> bool:
+        """Streams the generation into `attempt`; False when the request was deleted meanwhile.
+
+        The output so far goes to the status every `progress_interval`, so that a resumed
+        request (another peer, another operator) goes on from it rather than from the prompt.
+        """
         endpoint = decision.peer.peer.spec.endpoint.rstrip("/")
-        generation_id = body["metadata"]["uid"]
+        generation_id = _generation_id(body, status)
+        sampling = spec.sampling.model_copy(
+            update={"max_tokens": spec.sampling.max_tokens - progress.tokens}
+        )
         payload = {
             "id": generation_id,
             **prompt,
-            "sampling": spec.sampling.to_wire(),
+            "continuation": progress.text,
+            "sampling": sampling.to_wire(),
             "stream": True,
         }
-        attempt = Attempt()
+        attempt.tokens = progress.tokens
+        if sampling.max_tokens <= 0:  # an earlier attempt had finished; its last write was lost
+            attempt.finish_reason = "length"
+            return True
         status.phase = "Running"
-        status.start_time = datetime.now(UTC)
+        status.start_time = status.start_time or datetime.now(UTC)
         await self._transition(
             body, status, "Running", "True", "Generating", f"{decision.peer.name} is generating"
         )
+        created = datetime.fromisoformat(body["metadata"]["creationTimestamp"])
 
         async def stream() -> None:
             limits = httpx.Timeout(budget_seconds, connect=5.0)
+            written = time.monotonic()
             async with (
                 httpx.AsyncClient(timeout=limits) as http,
                 http.stream("POST", f"{endpoint}/v1/generate", json=payload) as response,
@@ -220,11 +270,21 @@ class RequestRunner:
                         continue
                     event = json.loads(line.removeprefix("data: "))
                     if "text" in event:
-                        attempt.first_token_at = attempt.first_token_at or time.monotonic()
+                        if status.timings.ttft_seconds is None:
+                            first = (datetime.now(UTC) - created).total_seconds()
+                            status.timings.ttft_seconds = round(first, 3)
                         attempt.text.append(event["text"])
+                        attempt.tokens = progress.tokens + event["tokens"]
                     else:
                         attempt.finish_reason = event["finishReason"]
                         attempt.usage = event["usage"]
+                    if time.monotonic() - written >= self.progress_interval:
+                        status.output = Output(
+                            text=progress.text + "".join(attempt.text),
+                            completion_tokens=attempt.tokens,
+                        )
+                        await asyncio.to_thread(self._write, body, status)
+                        written = time.monotonic()
             if attempt.finish_reason is None:
                 raise httpx.RemoteProtocolError("the stream ended without a finish reason")
 
@@ -236,42 +296,55 @@ class RequestRunner:
         waiting.cancel()
         if generating in done:
             generating.result()  # re-raises what the stream raised
-            return attempt
+            return True
         generating.cancel()
-        async with httpx.AsyncClient(timeout=5.0) as http:
-            try:
-                await http.delete(f"{endpoint}/v1/generate/{generation_id}")
-            except httpx.HTTPError as e:
-                logger.warning("cancelling on %s failed: %s", decision.peer.name, e)
+        await self._cancel(decision.peer.name, generation_id)
         if waiting in done or stopped.is_set():
-            return None
+            return False
         raise TimeoutError
 
+    async def _cancel(self, peer: str, generation_id: str) -> None:
+        """Tells a peer's worker to stop a generation; it may be gone already."""
+        endpoint = self.peers.get(peer, {}).get("spec", {}).get("endpoint")
+        if not endpoint:
+            return
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            try:
+                await http.delete(f"{endpoint.rstrip('/')}/v1/generate/{generation_id}")
+            except httpx.HTTPError as e:
+                logger.info("cancelling %s on %s: %s", generation_id, peer, e)
+
     def _complete(
-        self, status: InferenceRequestStatus, attempt: Attempt, created: datetime
+        self,
+        status: InferenceRequestStatus,
+        progress: Progress,
+        attempt: Attempt,
+        created: datetime,
     ) -> None:
         now = datetime.now(UTC)
         usage = attempt.usage
-        completion = int(usage.get("completionTokens", 0))
+        completion = progress.tokens + int(usage.get("completionTokens", 0))
+        prompt_tokens = int(usage.get("promptTokens", 0)) or (
+            status.output.prompt_tokens if status.output else 0
+        )
         status.output = Output(
-            text="".join(attempt.text),
+            text=progress.text + "".join(attempt.text),
             finish_reason=cast(FinishReason, attempt.finish_reason),
-            prompt_tokens=int(usage.get("promptTokens", 0)),
+            prompt_tokens=prompt_tokens,
             completion_tokens=completion,
         )
-        status.cache.prompt_tokens = int(usage.get("promptTokens", 0))
+        status.cache.prompt_tokens = prompt_tokens
         status.cache.cached_tokens = int(usage.get("cachedTokens", 0))
         status.cache.source = "local" if status.cache.cached_tokens else "none"
         started = status.start_time or now
-        first = usage.get("firstTokenSeconds") or 0.0
         total = (now - created).total_seconds()
-        decode = max(total - (started - created).total_seconds() - first, 1e-6)
         queue = max((started - created).total_seconds(), 0.0)
+        ttft = status.timings.ttft_seconds or total
         # Milliseconds are all a person reads in `kubectl get ir`.
         status.timings.queue_seconds = round(queue, 3)
-        status.timings.ttft_seconds = round(queue + first, 3)
+        status.timings.ttft_seconds = round(ttft, 3)
         status.timings.total_seconds = round(total, 3)
-        status.timings.tokens_per_second = round(completion / decode, 1)
+        status.timings.tokens_per_second = round(completion / max(total - ttft, 1e-6), 1)
 
     async def _transition(
         self,
@@ -320,3 +393,8 @@ class RequestRunner:
             metadata["name"],
             {"status": status.to_wire()},
         )
+
+
+def _generation_id(body: Body, status: InferenceRequestStatus) -> str:
+    """Names one attempt on its worker: a late cancel never hits a later attempt."""
+    return f"{body['metadata']['uid']}-{status.assignment.attempts}"

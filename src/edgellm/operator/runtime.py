@@ -68,7 +68,12 @@ class Runtime:
         self.peers: dict[str, Body] = {}
         self.events = EventRecorder(local, settings.cluster)
         self.requests = RequestRunner(
-            local, settings.cluster, self.events, self.peers, default_profile()
+            local,
+            settings.cluster,
+            self.events,
+            self.peers,
+            default_profile(),
+            settings.progress_interval_seconds,
         )
         self.syncers: dict[str, MemberSyncer] = {}
         # False while this cluster's own apiserver fails: our view of our peers is then stale,
@@ -79,6 +84,12 @@ class Runtime:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        # Before kopf's first watch event: a request resumed after a restart must not find an
+        # empty federation and fail for want of peers.
+        listed = client.CustomObjectsApi(self.local).list_cluster_custom_object(
+            GROUP, VERSION, "peernodes"
+        )
+        self.peers.update({p["metadata"]["name"]: p for p in listed["items"]})
         self._tasks = [
             asyncio.create_task(self._health_loop(), name="peer-health"),
             asyncio.create_task(self._members_loop(), name="federation-members"),

@@ -20,6 +20,9 @@ class OperatorSettings(BaseModel):
     """How long a call to another member may take before it counts as unreachable."""
     node_interval_seconds: float = Field(default=10.0, gt=0)
     """How often labelled Nodes are turned into PeerNodes and their heartbeats copied."""
+    progress_interval_seconds: float = Field(default=1.0, gt=0)
+    """How often a running request's output so far is written to its status (what a request
+    resumed after a lost peer or an operator restart goes on from)."""
     pool_interval_seconds: float = Field(default=5.0, gt=0)
     """How often every WorkerPool is sized to its demand and its workers' state read."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
