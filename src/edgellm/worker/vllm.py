@@ -1,0 +1,622 @@
+"""The vLLM backend: one model served by `vllm serve` on the GPUs of this peer.
+
+The worker runtime builds `VllmSettings` from the peer's placement (model, role, parallelism)
+and calls `VllmBackend.start`; the worker's HTTP layer then calls `stream`, which yields the
+same `Piece`s as the llama.cpp backend. vLLM runs as a child process: the pure functions
+`command`, `lmcache_config` and `environment` say exactly how it is started, so they are
+tested without a GPU, and vLLM itself is never imported (it is the optional `gpu` extra).
+
+Every worker of the federation hashes prompt blocks the same way, so that one KV index serves
+them all: sha256 over canonical CBOR (`sha256_cbor`, portable across processes and
+languages), 16-token blocks, and one `PYTHONHASHSEED`, which vLLM hashes as the seed of the
+first block's parent (`NONE_HASH`). LMCache hashes its 256-token chunks with the same
+function, and, as the prefill or decode half of a disaggregated request, sends or receives KV
+over NIXL.
+
+Flags, JSON keys and YAML keys were read from the sources of vllm 0.33.0
+(`vllm/engine/arg_utils.py`, `vllm/config/{kv_events,kv_transfer,cache}.py`,
+`vllm/entrypoints/common/cli_args.py`, `vllm/entrypoints/openai/completion/`) and lmcache
+0.5.6 (`lmcache/v1/config.py`, `lmcache/v1/storage_backend/pd_backend_async.py`,
+`lmcache/integration/vllm/vllm_v1_adapter.py`), and LMCache's `examples/disagg_prefill`.
+
+Errors::
+
+    VllmError
+    ├── VllmStartError    `vllm serve` exited, or was not healthy by the deadline
+    └── VllmStreamError   a generation failed: vLLM refused it, or its stream broke off
+
+A prompt longer than the model's context raises the llama.cpp backend's `PromptTooLongError`,
+which the worker already answers with a 400.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Final, Literal, Self
+
+import httpx
+import yaml
+from pydantic import ConfigDict, Field, model_validator
+
+from edgellm.api._common import Model
+from edgellm.kvcache import DEFAULT_BLOCK_SIZE
+from edgellm.worker.llamacpp import FinishReason, Piece, PromptTooLongError, Sampling, Usage
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode", "both"]
+TransferChannel = Literal["nixl", "mock_memory"]
+
+PREFIX_CACHING_HASH_ALGO: Final = "sha256_cbor"
+"""vLLM's `--prefix-caching-hash-algo` and LMCache's `pre_caching_hash_algorithm`: the only
+choice whose hashes another process (the KV index) can recompute."""
+BLOCK_SIZE: Final = DEFAULT_BLOCK_SIZE
+"""Tokens per vLLM KV block, the unit of KV events and of the index (which hashes with it)."""
+LMCACHE_CONNECTOR: Final = "LMCacheConnectorV1"
+
+# vLLM's kv_role for each EdgeLLM role (vllm/config/kv_transfer.py: KVRole).
+_KV_ROLES: Final[dict[Role, str]] = {
+    "prefill": "kv_producer",
+    "decode": "kv_consumer",
+    "both": "kv_both",
+}
+# vLLM's finish reasons (vllm/v1/engine: FinishReason) as the worker's. A reason a later vLLM
+# adds ends the generation normally rather than failing a finished request.
+_FINISH_REASONS: Final[dict[str, FinishReason]] = {
+    "stop": "stop",
+    "length": "length",
+    "abort": "cancelled",
+    "repetition": "stop",
+}
+
+
+class VllmError(Exception):
+    """Base of the vLLM backend's errors."""
+
+
+class VllmStartError(VllmError):
+    """`vllm serve` exited, or did not become healthy before the deadline."""
+
+
+class VllmStreamError(VllmError):
+    """A generation failed: vLLM refused the request, sent an error, or cut the stream."""
+
+
+class KvEvents(Model):
+    """vLLM's KV-cache events (block stored, block removed, all cleared), published for the
+    KV index over ZMQ."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = True
+    """Publish events; the scheduler routes by them, so only tests turn this off."""
+    endpoint: str = Field(default="tcp://*:5557", min_length=1)
+    """The ZMQ PUB socket vLLM binds."""
+    topic: str = "kv-events"
+    """The topic of every published frame."""
+    replay_endpoint: str | None = None
+    """A ZMQ ROUTER socket from which a subscriber that missed events can ask for them again."""
+
+
+class RemoteStoragePlugin(Model):
+    """An LMCache remote storage connector loaded by module and class (EdgeLLM's IPFS store)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=63)
+    """The plugin's name in LMCache's `remote_storage_plugins`."""
+    module_path: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
+    """The module that defines the connector class."""
+    class_name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """A `RemoteConnector` (or `ConnectorAdapter`) subclass in that module."""
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """The plugin's own settings, given to it as `remote_storage_plugin.<name>.<key>`."""
+
+
+class Disaggregation(Model):
+    """How a prefill worker sends KV to a decode worker through LMCache (its P/D backend)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    proxy_host: str = "localhost"
+    """Prefill: the host of the proxy that a prefill worker tells when a transfer is done."""
+    proxy_port: int = Field(default=7500, ge=1, le=65535)
+    """Prefill: that proxy's port (a ZMQ PULL socket)."""
+    peer_host: str = "localhost"
+    """Decode: the address this decode worker receives KV on."""
+    peer_init_port: int = Field(default=7300, ge=1, le=65535)
+    """Decode: the first NIXL handshake port; each GPU rank takes the next one."""
+    peer_alloc_port: int = Field(default=7400, ge=1, le=65535)
+    """Decode: the first buffer-allocation port; each GPU rank takes the next one."""
+    buffer_size: int = Field(default=1 << 30, gt=0)
+    """Bytes of the transfer buffer of each rank."""
+    buffer_device: Literal["cuda", "cpu"] = "cuda"
+    """Where the transfer buffer lives."""
+    transfer_channel: TransferChannel = "nixl"
+    """How KV moves: NIXL, or LMCache's in-memory mock for tests."""
+    nixl_backends: tuple[str, ...] = ("UCX",)
+    """NIXL's transports."""
+
+
+class Lmcache(Model):
+    """LMCache under vLLM: a CPU tier of KV chunks, remote storage, and the P/D transfer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    chunk_size: int = Field(default=256, gt=0)
+    """Tokens per LMCache chunk: a whole number of vLLM blocks, so that the index can map one
+    to the other."""
+    local_cpu: bool = True
+    """Keep chunks in host memory."""
+    max_local_cpu_size: float = Field(default=5.0, ge=0)
+    """Host memory for chunks, in GB."""
+    remote_url: str | None = None
+    """An LMCache server (`lm://host:port`); LMCache 0.5.6 deprecates it for plugins."""
+    remote_storage_plugin: RemoteStoragePlugin | None = None
+    """A remote store of chunks shared between peers."""
+    disaggregation: Disaggregation = Field(default_factory=Disaggregation)
+    """The P/D transfer, used when the worker's role is prefill or decode."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.chunk_size % BLOCK_SIZE:
+            raise ValueError(f"chunkSize must be a multiple of vLLM's {BLOCK_SIZE}-token blocks")
+        # LMCache's remote backends stage chunks in the local CPU tier.
+        if self.remote_storage_plugin and not (self.local_cpu and self.max_local_cpu_size > 0):
+            raise ValueError("a remote storage plugin needs localCpu and maxLocalCpuSize > 0")
+        return self
+
+
+class VllmSettings(Model):
+    """One `vllm serve`: the model, where it listens, how it is split over GPUs, its role."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = Field(min_length=1)
+    """A local model folder or a Hugging Face model id."""
+    served_model_name: str = Field(min_length=1)
+    """The name requests use, as peers list it in spec.models."""
+    host: str = "127.0.0.1"
+    """Address vLLM's HTTP server listens on."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Port vLLM's HTTP server listens on."""
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """GPUs each layer is split over."""
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    """Stages the layers are split into."""
+    max_model_len: int | None = Field(default=None, ge=1)
+    """The context length; the model's own when unset."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """The fraction of each GPU's memory vLLM may take."""
+    role: Role = "both"
+    """prefill (sends KV to a decode worker), decode (receives it) or both."""
+    kv_events: KvEvents = Field(default_factory=KvEvents)
+    """Where KV-cache events are published."""
+    python_hash_seed: int = Field(default=0, ge=0, le=4294967295)
+    """PYTHONHASHSEED; equal on every worker, or block hashes differ between them."""
+    lmcache: Lmcache | None = Field(default_factory=Lmcache)
+    """LMCache's settings; None runs vLLM alone (role both only)."""
+    executable: str = "vllm"
+    """The `vllm` command."""
+    extra_args: tuple[str, ...] = ()
+    """More `vllm serve` flags, after EdgeLLM's (e.g. --enforce-eager, --dtype half)."""
+
+    @model_validator(mode="after")
+    def _disaggregation_needs_lmcache(self) -> Self:
+        if self.role != "both" and self.lmcache is None:
+            raise ValueError(f"role {self.role} moves KV through LMCache: lmcache must be set")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """GPU processes of this server: LMCache numbers its P/D ports by their rank."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def _json(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def kv_events_config(settings: VllmSettings) -> dict[str, Any]:
+    """vLLM's `--kv-events-config` (vllm/config/kv_events.py: KVEventsConfig)."""
+    events = settings.kv_events
+    config: dict[str, Any] = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": events.endpoint,
+        "topic": events.topic,
+    }
+    if events.replay_endpoint:
+        config["replay_endpoint"] = events.replay_endpoint
+    return config
+
+
+def kv_transfer_config(settings: VllmSettings) -> dict[str, Any] | None:
+    """vLLM's `--kv-transfer-config` (vllm/config/kv_transfer.py: KVTransferConfig), or None
+    without LMCache."""
+    if settings.lmcache is None:
+        return None
+    config: dict[str, Any] = {
+        "kv_connector": LMCACHE_CONNECTOR,
+        "kv_role": _KV_ROLES[settings.role],
+    }
+    # Keys LMCache's connector reads (lmcache/integration/vllm/vllm_v1_adapter.py), as its
+    # disaggregated-prefill examples set them: the sender keeps a prompt's last partial
+    # chunk, and the receiver leaves the last prompt token to vLLM, which must compute it to
+    # sample the first output token.
+    if settings.role == "prefill":
+        config["kv_connector_extra_config"] = {"discard_partial_chunks": False}
+    elif settings.role == "decode":
+        config["kv_connector_extra_config"] = {
+            "discard_partial_chunks": False,
+            "skip_last_n_tokens": 1,
+        }
+    return config
+
+
+def command(settings: VllmSettings) -> list[str]:
+    """The argv that starts vLLM's OpenAI-compatible server for `settings`."""
+    argv = [
+        settings.executable,
+        "serve",
+        settings.model,
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--served-model-name",
+        settings.served_model_name,
+        "--tensor-parallel-size",
+        str(settings.tensor_parallel_size),
+        "--pipeline-parallel-size",
+        str(settings.pipeline_parallel_size),
+        "--gpu-memory-utilization",
+        str(settings.gpu_memory_utilization),
+    ]
+    if settings.max_model_len is not None:
+        argv += ["--max-model-len", str(settings.max_model_len)]
+    argv += [
+        "--enable-prefix-caching",
+        "--prefix-caching-hash-algo",
+        PREFIX_CACHING_HASH_ALGO,
+        "--block-size",
+        str(BLOCK_SIZE),
+        # usage.prompt_tokens_details.cached_tokens: the cache hits a request's status reports.
+        "--enable-prompt-tokens-details",
+    ]
+    if settings.kv_events.enabled:
+        argv += ["--kv-events-config", _json(kv_events_config(settings))]
+    transfer = kv_transfer_config(settings)
+    if transfer is not None:
+        argv += ["--kv-transfer-config", _json(transfer)]
+    return argv + list(settings.extra_args)
+
+
+def lmcache_config(settings: VllmSettings) -> dict[str, Any]:
+    """The LMCache YAML (lmcache/v1/config.py's keys) for `settings`; empty without LMCache."""
+    lm = settings.lmcache
+    if lm is None:
+        return {}
+    config: dict[str, Any] = {
+        "chunk_size": lm.chunk_size,
+        "local_cpu": lm.local_cpu,
+        "max_local_cpu_size": lm.max_local_cpu_size,
+        # LMCache's default ("builtin") is Python's hash(): not recomputable by the index.
+        "pre_caching_hash_algorithm": PREFIX_CACHING_HASH_ALGO,
+    }
+    if lm.remote_url:
+        config["remote_url"] = lm.remote_url
+    plugin = lm.remote_storage_plugin
+    if plugin is not None:
+        prefix = f"remote_storage_plugin.{plugin.name}"
+        config["remote_storage_plugins"] = [plugin.name]
+        config["extra_config"] = {
+            f"{prefix}.module_path": plugin.module_path,
+            f"{prefix}.class_name": plugin.class_name,
+            **{f"{prefix}.{key}": value for key, value in plugin.options.items()},
+        }
+    if settings.role == "both":
+        return config
+    pd = lm.disaggregation
+    config |= {
+        "enable_pd": True,
+        "pd_role": "sender" if settings.role == "prefill" else "receiver",
+        "pd_buffer_size": pd.buffer_size,
+        "pd_buffer_device": pd.buffer_device,
+        "transfer_channel": pd.transfer_channel,
+        "nixl_backends": list(pd.nixl_backends),
+        # P/D must send a prompt's last, partial chunk too; LMCache forces this (with a
+        # warning) when it is not set.
+        "save_unfull_chunk": True,
+    }
+    if settings.role == "prefill":
+        config |= {"pd_proxy_host": pd.proxy_host, "pd_proxy_port": pd.proxy_port}
+    else:
+        # One port per GPU rank (LMCache indexes these lists by the rank of vLLM's worker).
+        ranks = range(settings.world_size)
+        config |= {
+            "pd_peer_host": pd.peer_host,
+            "pd_peer_init_port": [pd.peer_init_port + rank for rank in ranks],
+            "pd_peer_alloc_port": [pd.peer_alloc_port + rank for rank in ranks],
+        }
+    return config
+
+
+def environment(settings: VllmSettings, config_path: Path) -> dict[str, str]:
+    """Variables vLLM needs on top of the worker's own environment."""
+    env = {"PYTHONHASHSEED": str(settings.python_hash_seed)}
+    if settings.lmcache is not None:
+        env["LMCACHE_CONFIG_FILE"] = str(config_path)
+    return env
+
+
+def base_url(settings: VllmSettings) -> str:
+    """Where to reach the server: a wildcard listen address is reached over loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+def completion_request(
+    model: str,
+    prompt: str,
+    sampling: Sampling,
+    kv_transfer_params: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The body of a streamed `/v1/completions` request
+    (vllm/entrypoints/openai/completion/protocol.py: CompletionRequest)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": sampling.max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,  # 0 turns it off, in vLLM as in the API
+        "stop": list(sampling.stop),
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "ignore_eos": sampling.ignore_eos,
+        "stream": True,
+        # Continuous usage keeps completion_tokens exact even when the client leaves early.
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    if kv_transfer_params is not None:
+        body["kv_transfer_params"] = dict(kv_transfer_params)
+    return body
+
+
+def _error_message(payload: Any) -> str:
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if "detail" in payload:  # FastAPI's own errors
+            return str(payload["detail"])
+    return str(payload)
+
+
+def request_error(status: int, body: bytes) -> Exception:
+    """The error for a response vLLM refused with `status` before streaming."""
+    try:
+        message = _error_message(json.loads(body))
+    except ValueError:
+        message = body.decode(errors="replace")
+    if status == 400 and "maximum context length" in message:
+        return PromptTooLongError(message)
+    return VllmStreamError(f"vLLM answered {status}: {message}")
+
+
+class CompletionStream:
+    """vLLM's streamed completion as `Piece`s, one server-sent event at a time.
+
+    Pure (the caller passes the elapsed time), so tests feed it chunks shaped exactly as
+    vLLM's `completion_stream_generator` writes them. Text is yielded as it arrives; the
+    finishing piece waits for `[DONE]`, after the final usage chunk, because whoever reads
+    the finish reason reads the usage with it.
+    """
+
+    def __init__(self, usage: Usage) -> None:
+        self.usage = usage
+        self.done = False
+        self._finish: FinishReason | None = None
+
+    def feed(self, line: str, elapsed: float) -> list[Piece]:
+        """The pieces that one line of the event stream completes."""
+        if not line.startswith("data:"):
+            return []  # blank separators, comments, other SSE fields
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            self.done = True
+            if self._finish is None:
+                raise VllmStreamError("vLLM ended the stream without a finish reason")
+            return [Piece("", self._finish)]
+        try:
+            chunk = json.loads(data)
+        except ValueError as e:
+            raise VllmStreamError(f"vLLM sent an event that is not JSON: {data[:200]!r}") from e
+        if not isinstance(chunk, dict):
+            raise VllmStreamError(f"vLLM sent an event that is not an object: {data[:200]!r}")
+        if "error" in chunk:
+            raise VllmStreamError(f"vLLM failed the generation: {_error_message(chunk)}")
+        self._count(chunk.get("usage"))
+        pieces = []
+        for choice in chunk.get("choices") or []:
+            if self.usage.first_token_seconds is None:
+                self.usage.first_token_seconds = elapsed
+            if choice.get("text"):
+                pieces.append(Piece(choice["text"]))
+            if choice.get("finish_reason") is not None:
+                self._finish = _FINISH_REASONS.get(choice["finish_reason"], "stop")
+        return pieces
+
+    def _count(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        self.usage.prompt_tokens = usage.get("prompt_tokens") or self.usage.prompt_tokens
+        self.usage.completion_tokens = (
+            usage.get("completion_tokens") or self.usage.completion_tokens
+        )
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            self.usage.cached_tokens = details["cached_tokens"]
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        with path.open(errors="replace") as f:
+            return "".join(deque(f, maxlen=lines)).rstrip()
+    except OSError:
+        return "(no output)"
+
+
+class VllmBackend:
+    """`vllm serve` as a child process, and generation over its OpenAI API."""
+
+    def __init__(
+        self,
+        settings: VllmSettings,
+        workdir: Path,
+        *,
+        startup_timeout: float = 1800.0,
+        stop_grace: float = 30.0,
+        read_timeout: float = 600.0,
+    ) -> None:
+        """`workdir` receives the LMCache YAML and vLLM's log. Loading a large model from a
+        slow disk takes many minutes, hence the long default `startup_timeout`."""
+        self.settings = settings
+        self.workdir = workdir
+        self.startup_timeout = startup_timeout
+        self.stop_grace = stop_grace
+        self.read_timeout = read_timeout
+        self.url = base_url(settings)
+        self.config_path = workdir / "lmcache.yaml"
+        self.log_path = workdir / "vllm.log"
+        self._process: asyncio.subprocess.Process | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    def _prepare(self) -> int:
+        """Writes the LMCache YAML; the descriptor of a fresh log file for vLLM's output."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.settings.lmcache is not None:
+            self.config_path.write_text(yaml.safe_dump(lmcache_config(self.settings)))
+        return os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    async def start(self) -> None:
+        """Starts vLLM and returns once it answers `/health`."""
+        if self._process is not None:
+            raise RuntimeError("vLLM is already started")
+        log = await asyncio.to_thread(self._prepare)
+        argv = command(self.settings)
+        logger.info("starting %s", " ".join(argv))
+        try:
+            # vLLM logs to stdout and prints tracebacks to stderr: one file keeps their order.
+            # Its own session, so that a kill reaches the engine and GPU workers it spawns.
+            self._process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, **environment(self.settings, self.config_path)},
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise VllmStartError(f"cannot run {argv[0]!r}: {e}") from e
+        finally:
+            os.close(log)
+        self._client = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(10.0, read=self.read_timeout)
+        )
+        try:
+            await self._wait_healthy(self._process)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _wait_healthy(self, process: asyncio.subprocess.Process) -> None:
+        assert self._client is not None
+        deadline = time.monotonic() + self.startup_timeout
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            while not exited.done():
+                with contextlib.suppress(httpx.TransportError):
+                    if (await self._client.get("/health", timeout=5.0)).status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    tail = await asyncio.to_thread(_tail, self.log_path)
+                    raise VllmStartError(
+                        f"vllm serve was not healthy at {self.url} after"
+                        f" {self.startup_timeout:g} s; the end of {self.log_path}:\n{tail}"
+                    )
+                await asyncio.wait({exited}, timeout=1.0)  # wakes at once if vLLM exits
+        finally:
+            exited.cancel()
+        tail = await asyncio.to_thread(_tail, self.log_path)
+        raise VllmStartError(
+            f"vllm serve exited with code {process.returncode} before it was healthy;"
+            f" the end of {self.log_path}:\n{tail}"
+        )
+
+    async def stop(self) -> None:
+        """Asks vLLM to shut down, and kills its whole session if it has not after a grace."""
+        process, self._process = self._process, None
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+        if process is None:
+            return
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()  # vLLM shuts its engine and workers down on SIGTERM
+            try:
+                await asyncio.wait_for(process.wait(), self.stop_grace)
+            except TimeoutError:
+                logger.warning("vLLM did not stop within %g s: killing it", self.stop_grace)
+        # Its engine and GPU workers too, whether the server left them behind or not.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+    async def stream(
+        self,
+        prompt: str,
+        sampling: Sampling,
+        usage: Usage,
+        *,
+        kv_transfer_params: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[Piece]:
+        """Yields the generated text as vLLM streams it; `usage` is filled as it goes.
+
+        Closing the iterator (or cancelling its task) closes the HTTP stream, and vLLM aborts
+        a request whose client left. `kv_transfer_params` go to LMCache's connector (a
+        disaggregated request's `disagg_spec`)."""
+        if self._client is None:
+            raise RuntimeError("vLLM is not started")
+        body = completion_request(
+            self.settings.served_model_name, prompt, sampling, kv_transfer_params
+        )
+        reader = CompletionStream(usage)
+        started = time.monotonic()
+        try:
+            async with self._client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    raise request_error(response.status_code, await response.aread())
+                async for line in response.aiter_lines():
+                    for piece in reader.feed(line, time.monotonic() - started):
+                        yield piece
+                    if reader.done:
+                        return
+        except httpx.TransportError as e:
+            raise VllmStreamError(f"the stream from vLLM at {self.url} broke: {e}") from e
+        raise VllmStreamError("vLLM closed the stream before it finished")

@@ -1,0 +1,496 @@
+"""The vLLM backend without a GPU: the command line, LMCache's YAML and environment it
+generates, and how vLLM's streamed completions become pieces.
+
+The streamed chunks below are written as vLLM 0.33.0's `completion_stream_generator` writes
+them (vllm/entrypoints/openai/completion/serving.py): text chunks dumped with
+`exclude_unset=True`, the final usage chunk with `exclude_none=True`, then `[DONE]`.
+"""
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from edgellm.worker.llamacpp import FinishReason, Piece, PromptTooLongError, Sampling, Usage
+from edgellm.worker.vllm import (
+    CompletionStream,
+    Lmcache,
+    RemoteStoragePlugin,
+    Role,
+    VllmBackend,
+    VllmSettings,
+    VllmStartError,
+    VllmStreamError,
+    base_url,
+    command,
+    completion_request,
+    environment,
+    lmcache_config,
+    request_error,
+)
+
+
+def settings(**overrides: Any) -> VllmSettings:
+    return VllmSettings.model_validate(
+        {"model": "/models/llama-8b", "servedModelName": "llama-8b", **overrides}
+    )
+
+
+def flag(argv: list[str], name: str) -> str:
+    assert argv.count(name) == 1, f"{name} appears {argv.count(name)} times in {argv}"
+    return argv[argv.index(name) + 1]
+
+
+def json_flag(argv: list[str], name: str) -> dict[str, Any]:
+    value = json.loads(flag(argv, name))
+    assert isinstance(value, dict)
+    return value
+
+
+# The command line
+
+
+def test_the_command_serves_the_model_with_portable_prefix_caching() -> None:
+    argv = command(settings(host="0.0.0.0", port=8100, maxModelLen=8192))
+    assert argv[:3] == ["vllm", "serve", "/models/llama-8b"]
+    assert flag(argv, "--host") == "0.0.0.0"
+    assert flag(argv, "--port") == "8100"
+    assert flag(argv, "--served-model-name") == "llama-8b"
+    assert flag(argv, "--max-model-len") == "8192"
+    assert flag(argv, "--gpu-memory-utilization") == "0.9"
+    assert "--enable-prefix-caching" in argv
+    assert flag(argv, "--prefix-caching-hash-algo") == "sha256_cbor"
+    assert flag(argv, "--block-size") == "16"
+    assert "--enable-prompt-tokens-details" in argv
+
+
+def test_the_model_length_is_left_to_the_model_when_unset() -> None:
+    assert "--max-model-len" not in command(settings())
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 1), (4, 2), (1, 3)])
+def test_the_command_splits_the_model_over_gpus_as_asked(tp: int, pp: int) -> None:
+    argv = command(settings(tensorParallelSize=tp, pipelineParallelSize=pp))
+    assert flag(argv, "--tensor-parallel-size") == str(tp)
+    assert flag(argv, "--pipeline-parallel-size") == str(pp)
+
+
+def test_extra_args_come_after_edgellms_flags() -> None:
+    argv = command(settings(extraArgs=["--enforce-eager", "--dtype", "half"]))
+    assert argv[-3:] == ["--enforce-eager", "--dtype", "half"]
+
+
+def test_kv_events_are_published_over_zmq_on_the_given_endpoint_and_topic() -> None:
+    argv = command(settings(kvEvents={"endpoint": "tcp://*:6001"}))
+    assert json_flag(argv, "--kv-events-config") == {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": "tcp://*:6001",
+        "topic": "kv-events",
+    }
+
+
+def test_a_replay_endpoint_is_passed_only_when_set() -> None:
+    argv = command(settings(kvEvents={"replayEndpoint": "tcp://*:5558"}))
+    assert json_flag(argv, "--kv-events-config")["replay_endpoint"] == "tcp://*:5558"
+
+
+def test_disabled_kv_events_leave_the_flag_out() -> None:
+    assert "--kv-events-config" not in command(settings(kvEvents={"enabled": False}))
+
+
+@pytest.mark.parametrize(
+    ("role", "kv_role", "extra"),
+    [
+        ("both", "kv_both", None),
+        ("prefill", "kv_producer", {"discard_partial_chunks": False}),
+        ("decode", "kv_consumer", {"discard_partial_chunks": False, "skip_last_n_tokens": 1}),
+    ],
+)
+def test_kv_moves_through_lmcaches_connector_in_the_roles_kv_role(
+    role: Role, kv_role: str, extra: dict[str, Any] | None
+) -> None:
+    transfer = json_flag(command(settings(role=role)), "--kv-transfer-config")
+    assert transfer.pop("kv_connector") == "LMCacheConnectorV1"
+    assert transfer.pop("kv_role") == kv_role
+    assert transfer.pop("kv_connector_extra_config", None) == extra
+    assert transfer == {}
+
+
+def test_without_lmcache_there_is_no_kv_transfer_config() -> None:
+    assert "--kv-transfer-config" not in command(settings(lmcache=None))
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_a_disaggregated_role_needs_lmcache(role: Role) -> None:
+    with pytest.raises(ValidationError, match="moves KV through LMCache"):
+        settings(role=role, lmcache=None)
+
+
+# LMCache's YAML
+
+
+def test_lmcache_keeps_256_token_chunks_in_cpu_memory_hashed_like_vllm() -> None:
+    assert lmcache_config(settings(lmcache={"maxLocalCpuSize": 20})) == {
+        "chunk_size": 256,
+        "local_cpu": True,
+        "max_local_cpu_size": 20.0,
+        "pre_caching_hash_algorithm": "sha256_cbor",
+    }
+
+
+def test_a_prefill_worker_sends_kv_and_tells_the_proxy() -> None:
+    config = lmcache_config(
+        settings(
+            role="prefill", lmcache={"disaggregation": {"proxyHost": "router", "proxyPort": 7600}}
+        )
+    )
+    assert config["enable_pd"] is True
+    assert config["pd_role"] == "sender"
+    assert (config["pd_proxy_host"], config["pd_proxy_port"]) == ("router", 7600)
+    assert config["pd_buffer_size"] == 1 << 30
+    assert config["pd_buffer_device"] == "cuda"
+    assert config["transfer_channel"] == "nixl"
+    assert config["nixl_backends"] == ["UCX"]
+    assert config["save_unfull_chunk"] is True
+    assert not {"pd_peer_host", "pd_peer_init_port", "pd_peer_alloc_port"} & config.keys()
+
+
+def test_a_decode_worker_receives_kv_on_one_port_pair_per_gpu_rank() -> None:
+    config = lmcache_config(
+        settings(
+            role="decode",
+            tensorParallelSize=2,
+            pipelineParallelSize=2,
+            lmcache={"disaggregation": {"peerHost": "10.0.0.7"}},
+        )
+    )
+    assert config["enable_pd"] is True
+    assert config["pd_role"] == "receiver"
+    assert config["pd_peer_host"] == "10.0.0.7"
+    assert config["pd_peer_init_port"] == [7300, 7301, 7302, 7303]
+    assert config["pd_peer_alloc_port"] == [7400, 7401, 7402, 7403]
+    assert config["transfer_channel"] == "nixl"
+    assert not {"pd_proxy_host", "pd_proxy_port"} & config.keys()
+
+
+def test_a_worker_of_both_roles_has_no_pd_settings() -> None:
+    assert not any(
+        key.startswith("pd_") or key == "enable_pd" for key in lmcache_config(settings())
+    )
+
+
+def test_a_remote_storage_plugin_is_loaded_by_module_and_class() -> None:
+    plugin = {
+        "name": "ipfs",
+        "modulePath": "edgellm.kvcache.lmcache_plugin",
+        "className": "IpfsConnector",
+        "options": {"api": "http://127.0.0.1:5001"},
+    }
+    config = lmcache_config(settings(lmcache={"remoteStoragePlugin": plugin}))
+    assert config["remote_storage_plugins"] == ["ipfs"]
+    assert config["extra_config"] == {
+        "remote_storage_plugin.ipfs.module_path": "edgellm.kvcache.lmcache_plugin",
+        "remote_storage_plugin.ipfs.class_name": "IpfsConnector",
+        "remote_storage_plugin.ipfs.api": "http://127.0.0.1:5001",
+    }
+
+
+def test_a_remote_storage_plugin_needs_the_cpu_tier_as_its_buffer() -> None:
+    plugin = RemoteStoragePlugin(name="ipfs", module_path="m", class_name="C")
+    with pytest.raises(ValidationError, match="localCpu"):
+        Lmcache(remote_storage_plugin=plugin, max_local_cpu_size=0)
+
+
+def test_a_remote_url_is_passed_only_when_set() -> None:
+    assert "remote_url" not in lmcache_config(settings())
+    assert lmcache_config(settings(lmcache={"remoteUrl": "lm://cache:65432"}))["remote_url"] == (
+        "lm://cache:65432"
+    )
+
+
+def test_chunks_are_whole_vllm_blocks() -> None:
+    with pytest.raises(ValidationError, match="multiple"):
+        Lmcache(chunk_size=100)
+
+
+def test_the_lmcache_config_survives_yaml() -> None:
+    config = lmcache_config(settings(role="decode"))
+    assert yaml.safe_load(yaml.safe_dump(config)) == config
+
+
+# Environment
+
+
+def test_the_environment_sets_the_hash_seed_and_the_lmcache_config(tmp_path: Path) -> None:
+    env = environment(settings(pythonHashSeed=42), tmp_path / "lmcache.yaml")
+    assert env == {
+        "PYTHONHASHSEED": "42",
+        "LMCACHE_CONFIG_FILE": str(tmp_path / "lmcache.yaml"),
+    }
+
+
+def test_without_lmcache_only_the_hash_seed_is_set(tmp_path: Path) -> None:
+    assert environment(settings(lmcache=None), tmp_path / "x.yaml") == {"PYTHONHASHSEED": "0"}
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),
+        ("fd00::7", "http://[fd00::7]:8000"),
+        ("gpu-1.lan", "http://gpu-1.lan:8000"),
+    ],
+)
+def test_a_wildcard_listen_address_is_reached_over_loopback(host: str, url: str) -> None:
+    assert base_url(settings(host=host)) == url
+
+
+# The completion request
+
+
+def test_the_request_streams_with_usage_and_maps_every_sampling_parameter() -> None:
+    sampling = Sampling(
+        max_tokens=64,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=40,
+        seed=7,
+        stop=("\n\n", "END"),
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        ignore_eos=True,
+    )
+    assert completion_request("llama-8b", "Once", sampling) == {
+        "model": "llama-8b",
+        "prompt": "Once",
+        "max_tokens": 64,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 40,
+        "seed": 7,
+        "stop": ["\n\n", "END"],
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+
+
+def test_an_unset_seed_is_left_to_vllm_and_kv_transfer_params_pass_through() -> None:
+    params = {"disagg_spec": {"req_id": "r1", "receiver_host": "10.0.0.7"}}
+    body = completion_request("m", "p", Sampling(), params)
+    assert "seed" not in body
+    assert body["kv_transfer_params"] == params
+
+
+# vLLM's stream as pieces
+
+
+def text_chunk(text: str, completion_tokens: int, finish: str | None = None) -> str:
+    """A chunk as vLLM writes it with continuous usage: `exclude_unset=True` keeps the
+    fields its constructor was given, Nones included."""
+    stop_reason = "\n\n" if finish == "stop" else None
+    return "data: " + json.dumps(
+        {
+            "id": "cmpl-3f2a",
+            "object": "text_completion",
+            "created": 1767225600,
+            "model": "llama-8b",
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": stop_reason,
+                    "prompt_token_ids": None,
+                    "token_ids": None,
+                    "weight_versions": None,
+                }
+            ],
+            "kv_transfer_params": None,
+            "usage": {
+                "prompt_tokens": 300,
+                "completion_tokens": completion_tokens,
+                "total_tokens": 300 + completion_tokens,
+            },
+        }
+    )
+
+
+def usage_chunk(completion_tokens: int, cached: int | None) -> str:
+    """The final usage chunk, dumped with `exclude_none=True`."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": 300,
+        "total_tokens": 300 + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return "data: " + json.dumps(
+        {
+            "id": "cmpl-3f2a",
+            "object": "text_completion",
+            "created": 1767225600,
+            "model": "llama-8b",
+            "choices": [],
+            "usage": usage,
+        }
+    )
+
+
+def read(lines: list[str], usage: Usage) -> list[Piece]:
+    stream = CompletionStream(usage)
+    pieces = []
+    for elapsed, line in enumerate(lines):
+        pieces += stream.feed(line, elapsed * 0.25)
+    assert stream.done
+    return pieces
+
+
+def test_text_arrives_as_it_streams_and_the_finish_waits_for_the_usage() -> None:
+    usage = Usage()
+    lines = [
+        text_chunk("Once", 1),
+        "",
+        text_chunk(" upon", 2),
+        "",
+        text_chunk(" a time", 4, "stop"),
+        "",
+        usage_chunk(4, cached=256),
+        "",
+        "data: [DONE]",
+        "",
+    ]
+    assert read(lines, usage) == [
+        Piece("Once"),
+        Piece(" upon"),
+        Piece(" a time"),
+        Piece("", "stop"),
+    ]
+    assert usage == Usage(
+        prompt_tokens=300, completion_tokens=4, cached_tokens=256, first_token_seconds=0.0
+    )
+
+
+def test_counts_follow_the_stream_before_it_ends() -> None:
+    usage = Usage()
+    stream = CompletionStream(usage)
+    stream.feed(text_chunk("Once", 1), 0.5)
+    stream.feed(text_chunk(" upon", 2), 0.6)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (300, 2)
+    assert usage.first_token_seconds == 0.5
+    assert not stream.done
+
+
+def test_without_prompt_details_no_tokens_count_as_cached() -> None:
+    usage = Usage()
+    read([text_chunk("x", 1, "length"), usage_chunk(1, cached=None), "data: [DONE]"], usage)
+    assert usage.cached_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("vllm_reason", "reason"),
+    [("stop", "stop"), ("length", "length"), ("abort", "cancelled"), ("repetition", "stop")],
+)
+def test_vllms_finish_reasons_become_the_workers(vllm_reason: str, reason: FinishReason) -> None:
+    pieces = read([text_chunk("", 1, vllm_reason), usage_chunk(1, 0), "data: [DONE]"], Usage())
+    assert pieces == [Piece("", reason)]
+
+
+def test_an_error_event_fails_the_generation() -> None:
+    error = {
+        "error": {
+            "message": "Internal server error",
+            "type": "InternalServerError",
+            "param": None,
+            "code": 500,
+        }
+    }
+    stream = CompletionStream(Usage())
+    stream.feed(text_chunk("Once", 1), 0.1)
+    with pytest.raises(VllmStreamError, match="Internal server error"):
+        stream.feed("data: " + json.dumps(error), 0.2)
+
+
+def test_a_stream_done_without_a_finish_reason_is_an_error() -> None:
+    stream = CompletionStream(Usage())
+    stream.feed(text_chunk("Once", 1), 0.1)
+    with pytest.raises(VllmStreamError, match="without a finish reason"):
+        stream.feed("data: [DONE]", 0.2)
+
+
+def test_an_event_that_is_not_json_is_an_error() -> None:
+    with pytest.raises(VllmStreamError, match="not JSON"):
+        CompletionStream(Usage()).feed("data: {oops", 0.0)
+
+
+def test_a_prompt_over_the_context_is_a_prompt_too_long_error() -> None:
+    body = {
+        "error": {
+            "message": "This model's maximum context length is 4096 tokens. However, your"
+            " prompt contains 5000 input tokens, which exceeds this limit even without any"
+            " output tokens. Please reduce the length of the input prompt.",
+            "type": "BadRequestError",
+            "param": "input_tokens",
+            "code": 400,
+        }
+    }
+    error = request_error(400, json.dumps(body).encode())
+    assert isinstance(error, PromptTooLongError)
+    assert "4096" in str(error)
+
+
+def test_other_refusals_name_the_status_and_message() -> None:
+    body = {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError"}}
+    error = request_error(404, json.dumps(body).encode())
+    assert isinstance(error, VllmStreamError)
+    assert str(error) == "vLLM answered 404: The model `x` does not exist."
+    assert "Bad Gateway" in str(request_error(502, b"Bad Gateway"))
+
+
+# The process
+
+
+def fake_vllm(tmp_path: Path, script: str) -> str:
+    path = tmp_path / "vllm"
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_vllm_that_dies_at_start_is_reported_with_its_exit_code_and_output(
+    tmp_path: Path,
+) -> None:
+    executable = fake_vllm(
+        tmp_path,
+        'echo "INFO loading $2"\necho "ValueError: no CUDA GPUs are available" >&2\nexit 3',
+    )
+    backend = VllmBackend(settings(executable=executable, port=1), tmp_path / "work")
+    with pytest.raises(VllmStartError) as caught:
+        asyncio.run(backend.start())
+    message = str(caught.value)
+    assert "exited with code 3" in message
+    assert "INFO loading /models/llama-8b" in message
+    assert "no CUDA GPUs are available" in message
+    assert (tmp_path / "work" / "lmcache.yaml").exists()
+
+
+def test_a_vllm_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    executable = fake_vllm(tmp_path, "trap '' TERM\nwhile true; do sleep 0.1; done")
+    backend = VllmBackend(
+        settings(executable=executable, port=1),
+        tmp_path / "work",
+        startup_timeout=0.5,
+        stop_grace=0.5,
+    )
+    with pytest.raises(VllmStartError, match="not healthy"):
+        asyncio.run(backend.start())
