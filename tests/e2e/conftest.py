@@ -220,11 +220,14 @@ class Worker:
 
 
 @contextmanager
-def worker_process(model: Path) -> Iterator[Worker]:
+def worker_process(model: Path, *options: str) -> Iterator[Worker]:
     """`edgellm worker` serving `model` on a free loopback port, once it answers /healthz."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "edgellm", "worker", f"--model={model}", f"--port={port}"],
+        [
+            *(sys.executable, "-m", "edgellm", "worker"),
+            *(f"--model={model}", f"--port={port}", *options),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

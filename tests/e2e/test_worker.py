@@ -1,12 +1,25 @@
 """`edgellm worker` serving the generated model with real llama.cpp, over real HTTP."""
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
+import zmq
 
+from edgellm.dev.cluster import free_port
+from edgellm.kvcache import (
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    block_hashes,
+    decode_batch,
+    external_hash,
+)
+from edgellm.worker.llamacpp import LlamaCppBackend
 from edgellm.worker.models import BENCH, TINY, write_model
 from tests.e2e.conftest import worker_process
 
@@ -128,3 +141,44 @@ def test_many_concurrent_requests_all_finish(worker: str) -> None:
         )
     assert [r.status_code for r in responses] == [200] * 16
     assert len({r.json()["text"] for r in responses}) == 1
+
+
+def test_kv_events_name_the_blocks_the_context_holds_as_vllm_would(
+    tmp_path: Path,
+) -> None:
+    model = write_model(tmp_path / "tiny-random.gguf", TINY)
+    port = free_port()
+    tokenizer = LlamaCppBackend(model)
+    prompts = ["the federation shares blocks " * 8, "a different prompt entirely " * 8]
+    with (
+        worker_process(model, f"--kv-events=tcp://*:{port}", "--hash-seed=7") as worker,
+        zmq.Context() as context,
+        context.socket(zmq.SUB) as sub,
+    ):
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        sub.subscribe(b"kv-events")
+
+        def stored(prompt: str) -> list[KVEvent]:
+            """Generates until a batch arrives: a SUB misses what precedes its subscription."""
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                body = {"prompt": prompt, "sampling": {"maxTokens": 4, "temperature": 0}}
+                httpx.post(f"{worker.url}/v1/generate", json=body, timeout=60)
+                if sub.poll(1000):
+                    return decode_batch(sub.recv_multipart()[2]).events
+            raise AssertionError("no KV events within 30 s")
+
+        first = stored(prompts[0])
+        blocks = [e for e in first if isinstance(e, BlockStored)]
+        assert blocks, first
+        tokens = [t for e in blocks for t in e.token_ids]
+        prompt_tokens = tokenizer.tokenize(prompts[0])
+        full = len(prompt_tokens) // 16 * 16
+        assert tokens[:full] == prompt_tokens[:full]
+        expected = block_hashes(tokens, 16, seed="7")
+        assert [h for e in blocks for h in e.block_hashes] == [external_hash(h) for h in expected]
+
+        second = stored(prompts[1])
+        removed = [h for e in second if isinstance(e, BlockRemoved) for h in e.block_hashes]
+        assert removed, "blocks of the first prompt that the second replaced"
+        assert set(removed) <= {external_hash(h) for h in expected}

@@ -99,10 +99,9 @@ def test_workers_agree_only_when_their_seeds_agree() -> None:
     assert block_hashes(TOKENS, seed=SEED) == block_hashes(list(TOKENS), seed=SEED)
 
 
-def test_without_a_seed_the_root_is_random_as_in_vllm() -> None:
-    first, second = none_hash(None), none_hash(None)
-    assert len(first) == 32
-    assert first != second
+def test_without_a_seed_the_root_is_vllms_fixed_default() -> None:
+    assert none_hash(None) == none_hash("vllm-none-hash")
+    assert none_hash(None) != none_hash(SEED)
 
 
 def test_extra_keys_are_mixed_in_per_block() -> None:

@@ -13,7 +13,6 @@ to our seed; its default `sha256` pickles the key instead, which only Python can
 """
 
 import hashlib
-import os
 from collections.abc import Sequence
 from typing import Any, NewType
 
@@ -26,6 +25,7 @@ BlockHash = NewType("BlockHash", bytes)
 ExternalBlockHash = NewType("ExternalBlockHash", int)
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default --block-size on GPUs
+DEFAULT_NONE_HASH_SEED = "vllm-none-hash"  # vLLM's seed when PYTHONHASHSEED is unset
 _LOW_64_BITS = (1 << 64) - 1
 
 
@@ -35,14 +35,9 @@ def _sha256_cbor(value: object) -> bytes:
 
 
 def none_hash(seed: str | None) -> BlockHash:
-    """The parent hash of every sequence's first block.
-
-    vLLM hashes the `PYTHONHASHSEED` string; unset, it draws 32 random bytes, and that worker's
-    hashes then match no other worker's. Pass the seed every worker is configured with.
-    """
-    if seed is None:
-        return BlockHash(os.urandom(32))
-    return BlockHash(_sha256_cbor(seed))
+    """The parent hash of every sequence's first block: the hash of vLLM's `PYTHONHASHSEED`
+    string, or, unset, of its fixed default seed (vllm 0.33.0, for sha256 and sha256_cbor)."""
+    return BlockHash(_sha256_cbor(DEFAULT_NONE_HASH_SEED if seed is None else seed))
 
 
 def block_hashes(
