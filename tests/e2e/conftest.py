@@ -89,6 +89,17 @@ def manifest(kind: str, spec: dict[str, Any], name: str) -> dict[str, Any]:
     return {"apiVersion": "edgellm.io/v1alpha1", "kind": kind, "metadata": metadata, "spec": spec}
 
 
+def output_text(kubeconfig: dict[str, Any], namespace: str, status: dict[str, Any]) -> str:
+    """A request's output so far, from its status or from the ConfigMap it names."""
+    output = status.get("output") or {}
+    if "configMapRef" not in output:
+        return str(output.get("text", ""))
+    ref = output["configMapRef"]
+    with api_client(kubeconfig) as api:
+        found = client.CoreV1Api(api).read_namespaced_config_map(ref["name"], namespace)
+    return str(found.data[ref["key"]])
+
+
 def eventually(check: Callable[[], T | None], timeout: float, what: str) -> T:
     """Polls `check` until it returns something truthy, or fails saying what never happened."""
     deadline = time.monotonic() + timeout
@@ -148,6 +159,7 @@ class OperatorProcess:
                     "--peer-removal-grace=8",
                     "--sync-interval=1",
                     "--pool-interval=1",
+                    "--inline-output-limit=4096",
                     f"--metrics-port={self.metrics_port}",
                     "--verbose",
                 ],

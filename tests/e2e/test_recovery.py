@@ -18,7 +18,13 @@ from edgellm.api import GROUP, VERSION
 from edgellm.dev.federation import LocalFederation
 from edgellm.kube import api_client
 from edgellm.worker.models import BENCH, write_model
-from tests.e2e.conftest import OperatorProcess, ServingPeer, eventually, serving_peer
+from tests.e2e.conftest import (
+    OperatorProcess,
+    ServingPeer,
+    eventually,
+    output_text,
+    serving_peer,
+)
 
 DONE = 300.0
 LONG = {"maxTokens": 2500, "temperature": 0, "ignoreEos": True}
@@ -122,6 +128,10 @@ def _finished(joined: LocalFederation, name: str) -> dict[str, Any]:
     return eventually(check, DONE, f"{name} finishes")
 
 
+def _text(joined: LocalFederation, status: dict[str, Any]) -> str:
+    return output_text(joined.clusters[0].kubeconfig("admin"), "default", status)
+
+
 def _event_reasons(joined: LocalFederation, name: str) -> list[str]:
     with api_client(joined.clusters[0].kubeconfig("admin")) as api:
         items = (
@@ -157,8 +167,8 @@ def test_a_worker_killed_mid_decode_resumes_on_another_peer_from_its_tokens(
     assert status["assignment"]["attempts"] == 2
     assert status["assignment"]["decodePeer"] != first.name
     output = status["output"]
-    assert output["text"].startswith(before["output"]["text"])
-    assert len(output["text"]) > len(before["output"]["text"])
+    assert _text(joined, status).startswith(_text(joined, before))
+    assert len(_text(joined, status)) > len(_text(joined, before))
     assert output["completionTokens"] == LONG["maxTokens"]
     assert output["finishReason"] == "length"
     reasons = _event_reasons(joined, "worker-killed")
@@ -179,7 +189,7 @@ def test_an_operator_restarted_mid_request_completes_it_once(
     assert status["phase"] == "Succeeded", status
     assert status["assignment"]["attempts"] == 2
     output = status["output"]
-    assert output["text"].startswith(before["output"]["text"])
+    assert _text(joined, status).startswith(_text(joined, before))
     assert output["completionTokens"] == LONG["maxTokens"]
     assert _event_reasons(joined, "operator-restarted").count("Generated") == 1
     # The first attempt stopped when its operator went: one generation ran to the end.

@@ -173,3 +173,27 @@ def test_an_empty_prompt_is_refused_at_apply(joined: LocalFederation, tiny_peer:
         _submit(joined, "empty-inline", messages=None, prompt="")
     assert refused.value.status == 422
     assert "spec.prompt" in str(refused.value.body)
+
+
+def test_a_large_output_goes_to_a_config_map_the_request_owns(
+    joined: LocalFederation, tiny_peer: str
+) -> None:
+    _submit(
+        joined,
+        "large-output",
+        messages=None,
+        prompt="hello",
+        sampling={"maxTokens": 2000, "temperature": 0, "ignoreEos": True},
+    )
+    status = _finished(joined, "large-output")
+    assert status["phase"] == "Succeeded", status
+    output = status["output"]
+    assert "text" not in output
+    assert output["completionTokens"] == 2000
+    ref = output["configMapRef"]
+    with api_client(joined.clusters[0].kubeconfig("admin")) as api:
+        config_map = client.CoreV1Api(api).read_namespaced_config_map(ref["name"], "default")
+    assert len(config_map.data[ref["key"]].encode()) > 4096  # the operators' limit in tests
+    request = _get(joined, "inferencerequests", "large-output")
+    assert request is not None
+    assert config_map.metadata.owner_references[0].uid == request["metadata"]["uid"]

@@ -25,6 +25,10 @@ def run_operator(
     pool_interval: Annotated[
         float, typer.Option(help="Seconds between sizings of every WorkerPool to its demand.")
     ] = 5.0,
+    inline_output_limit: Annotated[
+        int,
+        typer.Option(help="Bytes of output kept in a request's status; more go to a ConfigMap."),
+    ] = 16384,
     metrics_port: Annotated[
         int, typer.Option(help="Prometheus /metrics port; 0 turns it off.")
     ] = 9090,
@@ -40,6 +44,7 @@ def run_operator(
             peer_removal_grace_seconds=peer_removal_grace,
             sync_interval_seconds=sync_interval,
             pool_interval_seconds=pool_interval,
+            inline_output_limit_bytes=inline_output_limit,
             metrics_port=metrics_port,
         )
     )

@@ -28,13 +28,19 @@ from edgellm.api import (
     Phase,
     set_condition,
 )
-from edgellm.api.inferencerequest import FinishReason, InferenceRequestStatus, Output
+from edgellm.api.inferencerequest import (
+    ConfigMapRef,
+    FinishReason,
+    InferenceRequestStatus,
+    Output,
+)
 from edgellm.operator.events import EventRecorder
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
 
 logger = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "edgellm.io", "v1alpha1", "inferencerequests"
+OUTPUT_KEY = "text"
 Body = dict[str, Any]
 
 
@@ -52,13 +58,6 @@ class Progress:
 
     text: str = ""
     tokens: int = 0
-
-    @classmethod
-    def of(cls, status: InferenceRequestStatus) -> "Progress":
-        """What an earlier attempt (maybe under an operator that was restarted) wrote."""
-        if status.output is None:
-            return cls()
-        return cls(status.output.text or "", status.output.completion_tokens)
 
 
 @dataclass
@@ -80,6 +79,7 @@ class RequestRunner:
         peers: dict[str, Body],
         profile: Profile,
         progress_interval: float = 1.0,
+        inline_output_limit: int = 16384,
     ) -> None:
         self.local = local
         self.cluster = cluster
@@ -87,6 +87,7 @@ class RequestRunner:
         self.peers = peers  # the operator's live view: own peers and mirrors
         self.profile = profile
         self.progress_interval = progress_interval
+        self.inline_output_limit = inline_output_limit
 
     async def run(self, body: Body, stopped: asyncio.Event) -> None:
         metadata = body["metadata"]
@@ -101,7 +102,7 @@ class RequestRunner:
             return
         deadline = created.timestamp() + spec.timeout_seconds
         excluded: set[str] = set()
-        progress = Progress.of(status)
+        progress = await asyncio.to_thread(self._progress, body, status)
         if status.assignment.decode_peer is not None:
             # An operator stopped mid-request: its generation must not go on beside ours.
             await self._cancel(status.assignment.decode_peer, _generation_id(body, status))
@@ -279,11 +280,9 @@ class RequestRunner:
                         attempt.finish_reason = event["finishReason"]
                         attempt.usage = event["usage"]
                     if time.monotonic() - written >= self.progress_interval:
-                        status.output = Output(
-                            text=progress.text + "".join(attempt.text),
-                            completion_tokens=attempt.tokens,
-                        )
-                        await asyncio.to_thread(self._write, body, status)
+                        text = progress.text + "".join(attempt.text)
+                        status.output = Output(completion_tokens=attempt.tokens)
+                        await asyncio.to_thread(self._write, body, status, text)
                         written = time.monotonic()
             if attempt.finish_reason is None:
                 raise httpx.RemoteProtocolError("the stream ended without a finish reason")
@@ -383,18 +382,75 @@ class RequestRunner:
         )
         await asyncio.to_thread(self._write, body, status)
 
-    def _write(self, body: Body, status: InferenceRequestStatus) -> None:
+    def _store_output(self, body: Body, text: str) -> ConfigMapRef:
+        config_map = _output_config_map(body, text)
+        name, namespace = config_map["metadata"]["name"], config_map["metadata"]["namespace"]
+        core = client.CoreV1Api(self.local)
+        try:
+            core.replace_namespaced_config_map(name, namespace, config_map)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
+            core.create_namespaced_config_map(namespace, config_map)
+        return ConfigMapRef(name=name, key=OUTPUT_KEY)
+
+    def _progress(self, body: Body, status: InferenceRequestStatus) -> Progress:
+        """What an earlier attempt (maybe under an operator that was restarted) wrote."""
+        output = status.output
+        if output is None:
+            return Progress()
+        if output.config_map_ref is None:
+            return Progress(output.text or "", output.completion_tokens)
+        ref = output.config_map_ref
+        core = client.CoreV1Api(self.local)
+        data = core.read_namespaced_config_map(ref.name, body["metadata"]["namespace"]).data
+        return Progress((data or {}).get(ref.key, ""), output.completion_tokens)
+
+    def _write(self, body: Body, status: InferenceRequestStatus, text: str | None = None) -> None:
+        """Writes the status; `text`, the output so far, inline or, when large, to a ConfigMap
+        the request owns (an object's status must stay small: etcd keeps every version)."""
         metadata = body["metadata"]
+        if status.output is not None:
+            text = status.output.text if text is None else text
+            if text is not None and len(text.encode()) > self.inline_output_limit:
+                status.output.config_map_ref = self._store_output(body, text)
+                status.output.text = None
+            else:
+                status.output.text = text
+        wire = status.to_wire()
+        if status.output is not None and status.output.text is None:
+            wire["output"]["text"] = None  # a merge patch keeps what it does not name
         client.CustomObjectsApi(self.local).patch_namespaced_custom_object_status(
             GROUP,
             VERSION,
             metadata["namespace"],
             PLURAL,
             metadata["name"],
-            {"status": status.to_wire()},
+            {"status": wire},
         )
 
 
 def _generation_id(body: Body, status: InferenceRequestStatus) -> str:
     """Names one attempt on its worker: a late cancel never hits a later attempt."""
     return f"{body['metadata']['uid']}-{status.assignment.attempts}"
+
+
+def _output_config_map(body: Body, text: str) -> dict[str, Any]:
+    metadata = body["metadata"]
+    return {
+        "metadata": {
+            "name": f"{metadata['name'][:246]}-output",
+            "namespace": metadata["namespace"],
+            "labels": {"edgellm.io/inference-request": metadata["name"][:63]},
+            # Deleted with its request by the garbage collector.
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "InferenceRequest",
+                    "name": metadata["name"],
+                    "uid": metadata["uid"],
+                }
+            ],
+        },
+        "data": {OUTPUT_KEY: text},
+    }

@@ -74,6 +74,7 @@ class Runtime:
             self.peers,
             default_profile(),
             settings.progress_interval_seconds,
+            settings.inline_output_limit_bytes,
         )
         self.syncers: dict[str, MemberSyncer] = {}
         # False while this cluster's own apiserver fails: our view of our peers is then stale,

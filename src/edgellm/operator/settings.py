@@ -23,6 +23,8 @@ class OperatorSettings(BaseModel):
     progress_interval_seconds: float = Field(default=1.0, gt=0)
     """How often a running request's output so far is written to its status (what a request
     resumed after a lost peer or an operator restart goes on from)."""
+    inline_output_limit_bytes: int = Field(default=16384, ge=0)
+    """Outputs larger than this go to a ConfigMap the request owns, named in its status."""
     pool_interval_seconds: float = Field(default=5.0, gt=0)
     """How often every WorkerPool is sized to its demand and its workers' state read."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
