@@ -32,6 +32,16 @@ def tiny_peer(
         yield peer.name
 
 
+@pytest.fixture(scope="module")
+def remote_tiny_peer(
+    tiny_peer: str, cluster_kubeconfigs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A second tiny-random worker, joined in edge-2: edge-1 sees it as a mirror."""
+    model = write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY)
+    with serving_peer(cluster_kubeconfigs["edge-2"], "edge-2-worker", model) as peer:
+        yield peer.name
+
+
 def _get(joined: LocalFederation, plural: str, name: str) -> dict[str, Any] | None:
     with api_client(joined.clusters[0].kubeconfig("admin")) as api:
         objects = client.CustomObjectsApi(api)
@@ -197,3 +207,33 @@ def test_a_large_output_goes_to_a_config_map_the_request_owns(
     request = _get(joined, "inferencerequests", "large-output")
     assert request is not None
     assert config_map.metadata.owner_references[0].uid == request["metadata"]["uid"]
+
+
+def test_a_session_keeps_its_peer_until_its_idle_ttl(
+    joined: LocalFederation, tiny_peer: str, remote_tiny_peer: str
+) -> None:
+    eventually(
+        lambda: _ready(_get(joined, "peernodes", remote_tiny_peer)), DONE, "edge-1 sees edge-2's"
+    )
+    chat = {"name": "chat-1", "idleTTLSeconds": 600}
+    _submit(joined, "turn-1", session=chat, placement={"clusters": ["edge-2"]})
+    assert _finished(joined, "turn-1")["assignment"]["decodePeer"] == remote_tiny_peer
+    _submit(joined, "turn-2", session=chat)
+    assert _finished(joined, "turn-2")["assignment"]["decodePeer"] == remote_tiny_peer
+    # Without the session, edge-1's operator prefers its own peer.
+    _submit(joined, "no-session")
+    assert _finished(joined, "no-session")["assignment"]["decodePeer"] == tiny_peer
+
+
+def test_peers_report_their_workers_load(joined: LocalFederation, tiny_peer: str) -> None:
+    def measured() -> dict[str, Any] | None:
+        load = ((_get(joined, "peernodes", tiny_peer) or {}).get("status") or {}).get("load", {})
+        return load if load.get("tokensPerSecond", 0) > 0 else None
+
+    load = eventually(measured, DONE, "the peer's heartbeat carries its worker's tokens/s")
+    assert load["prefillTokensPerSecond"] > 0
+
+
+def _ready(body: dict[str, Any] | None) -> bool:
+    conditions = (body or {}).get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)

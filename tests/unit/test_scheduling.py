@@ -3,6 +3,7 @@
 from typing import Any
 
 from edgellm.api import InferenceRequestSpec, PeerNode
+from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import (
     Candidate,
     Decision,
@@ -11,12 +12,19 @@ from edgellm.scheduling import (
     registry,
     schedule,
 )
+from edgellm.scheduling.disaggregation import decide_split
 
 REQUEST = InferenceRequestSpec.model_validate({"model": "tiny-random", "prompt": "hi"})
 
 
 def _candidate(
-    name: str, local: bool = True, ready: bool = True, running: int = 0, **spec: Any
+    name: str,
+    local: bool = True,
+    ready: bool = True,
+    running: int = 0,
+    warm: bool = False,
+    prefill_rate: float = 0.0,
+    **spec: Any,
 ) -> Candidate:
     peer = PeerNode.model_validate(
         {
@@ -39,11 +47,11 @@ def _candidate(
                         "lastTransitionTime": "2026-01-01T00:00:00Z",
                     }
                 ],
-                "load": {"runningRequests": running},
+                "load": {"runningRequests": running, "prefillTokensPerSecond": prefill_rate},
             },
         }
     )
-    return Candidate(peer, local)
+    return Candidate(peer, local, session_warm=warm)
 
 
 def test_the_least_loaded_ready_peer_holding_the_model_is_chosen() -> None:
@@ -109,3 +117,60 @@ def test_the_registry_names_every_plugin_once() -> None:
     plugins = registry()
     assert {"has-model", "healthy", "least-loaded", "max-score"} <= set(plugins)
     assert all(factory().name == name for name, factory in plugins.items())
+
+
+def test_a_session_goes_back_to_its_warm_peer_even_when_busier() -> None:
+    peers = [_candidate("idle"), _candidate("warm", running=2, warm=True)]
+    decision = schedule(REQUEST, peers, default_profile())
+    assert isinstance(decision, Decision)
+    assert decision.peer.name == "warm"
+
+
+def test_a_warm_peer_that_is_down_is_not_chosen() -> None:
+    peers = [_candidate("idle"), _candidate("warm", ready=False, warm=True)]
+    decision = schedule(REQUEST, peers, default_profile())
+    assert isinstance(decision, Decision)
+    assert decision.peer.name == "idle"
+
+
+GPU_PEER: dict[str, Any] = {
+    "backends": ["llamacpp", "vllm"],
+    "models": [{"name": "m", "kvBytesPerToken": 131072}],
+    "resources": {
+        "cpu": 16,
+        "memory": "64Gi",
+        "accelerators": [{"vendor": "nvidia", "model": "RTX 4090", "memory": "24Gi"}],
+    },
+}
+
+
+def test_prefill_is_split_only_when_moving_kv_beats_recomputing_it() -> None:
+    fast_link: dict[str, Any] = {"network": {"uplinkMbps": 10000, "downlinkMbps": 10000}}
+    home_link: dict[str, Any] = {"network": {"uplinkMbps": 20, "downlinkMbps": 100}}
+    fast = _candidate("fast", prefill_rate=20000, **GPU_PEER, **fast_link).peer
+    slow = _candidate("slow", prefill_rate=500, **GPU_PEER, **fast_link).peer
+    split = decide_split("auto", fast, slow, "m", prompt_tokens=4000)
+    assert split.split, split.reason  # 0.2 s + 0.4 s transfer against 8 s
+    far = _candidate("far", prefill_rate=20000, **GPU_PEER, **home_link).peer
+    kept = decide_split("auto", far, slow, "m", prompt_tokens=4000)
+    assert not kept.split  # 524 MB over 20 Mbit/s: minutes against 8 s
+    assert kept.transfer_seconds is not None
+    assert kept.transfer_seconds > 100
+
+
+def test_prefill_is_not_split_without_vllm_figures_or_when_told_never() -> None:
+    cpu = _candidate("cpu", prefill_rate=20000).peer
+    gpu = _candidate("gpu", prefill_rate=500, **GPU_PEER).peer
+    assert "vLLM backend" in decide_split("auto", cpu, gpu, "m", 4000).reason
+    assert not decide_split("never", gpu, gpu, "m", 4000).split
+    unmeasured = _candidate("new", **GPU_PEER).peer
+    assert not decide_split("auto", unmeasured, gpu, "m", 4000).split
+    assert decide_split("always", unmeasured, gpu, "m", 4000).split
+
+
+def test_a_session_is_forgotten_after_its_idle_ttl() -> None:
+    sessions = SessionTable()
+    sessions.served("default/chat", "peer-a", idle_ttl=300, now=1000.0)
+    assert sessions.peer("default/chat", now=1299.0) == "peer-a"
+    assert sessions.peer("default/chat", now=1301.0) is None
+    assert sessions.peer("default/other", now=1000.0) is None

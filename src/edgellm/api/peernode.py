@@ -84,6 +84,9 @@ class LocalModel(Model):
     """gguf for llama.cpp, safetensors for vLLM."""
     size_bytes: int | None = Field(default=None, ge=0)
     """Size of the weights on disk, when known."""
+    kv_bytes_per_token: int | None = Field(default=None, ge=0)
+    """KV-cache bytes one token takes (2 x layers x KV heads x head size x element size),
+    when known: what moving a prompt's KV to another peer costs."""
 
 
 class PeerNodeSpec(Model):
@@ -159,6 +162,8 @@ class PeerLoad(Model):
     """Fraction of the KV cache in use, 0 to 1."""
     tokens_per_second: float = Field(default=0.0, ge=0.0)
     """Generated tokens per second, averaged over the last interval."""
+    prefill_tokens_per_second: float = Field(default=0.0, ge=0.0)
+    """Prompt tokens computed per second, averaged over the last interval; 0 when unknown."""
 
 
 class PeerNodeStatus(Model):

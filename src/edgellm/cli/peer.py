@@ -96,7 +96,7 @@ def join(
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with contextlib.suppress(KeyboardInterrupt):
-            heartbeat_until(api, peer, heartbeat_ttl / 3, stop)
+            heartbeat_until(api, peer, endpoint, heartbeat_ttl / 3, stop)
         typer.echo(f"{peer} stopped heartbeating; `edgellm leave --name {peer}` removes it")
 
 

@@ -35,7 +35,9 @@ from edgellm.api.inferencerequest import (
     Output,
 )
 from edgellm.operator.events import EventRecorder
+from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
+from edgellm.scheduling.disaggregation import SplitDecision, decide_split
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class RequestRunner:
         self.profile = profile
         self.progress_interval = progress_interval
         self.inline_output_limit = inline_output_limit
+        self.sessions = SessionTable()
 
     async def run(self, body: Body, stopped: asyncio.Event) -> None:
         metadata = body["metadata"]
@@ -108,8 +111,12 @@ class RequestRunner:
             await self._cancel(status.assignment.decode_peer, _generation_id(body, status))
         try:
             prompt = await asyncio.to_thread(self._prompt, spec, metadata["namespace"])
+            session = f"{metadata['namespace']}/{spec.session.name}" if spec.session else None
             while True:
-                decision = self._schedule(spec, frozenset(excluded))
+                warm = self.sessions.peer(session, time.monotonic()) if session else None
+                candidates = self._candidates(warm)
+                decision = self._schedule(spec, candidates, frozenset(excluded))
+                split = self._split(spec, candidates, decision, prompt, excluded)
                 peer = PeerName(decision.peer.name)
                 status.assignment.decode_peer = status.assignment.prefill_peer = peer
                 status.assignment.cluster = decision.peer.peer.spec.cluster
@@ -130,7 +137,9 @@ class RequestRunner:
                     "True",
                     "PeerChosen",
                     f"on {decision.peer.name} (attempt {status.assignment.attempts})"
-                    + (f", after {progress.tokens} tokens" if progress.tokens else ""),
+                    + (f", after {progress.tokens} tokens" if progress.tokens else "")
+                    + (", the session's warm peer" if warm == decision.peer.name else "")
+                    + (f"; {_split_note(split)}" if split else ""),
                 )
                 remaining = deadline - time.time()
                 if remaining <= 0:
@@ -157,6 +166,9 @@ class RequestRunner:
                 if not finished:  # deleted: the worker was told to stop
                     return
                 self._complete(status, progress, attempt, created)
+                if session and spec.session:
+                    ttl = spec.session.idle_ttl_seconds
+                    self.sessions.served(session, decision.peer.name, ttl, time.monotonic())
                 await self._finish(
                     body,
                     status,
@@ -200,14 +212,45 @@ class RequestRunner:
             raise RequestFailedError("EmptyPrompt", f"key {ref.key!r} of {ref.name} is empty")
         return {"prompt": value}
 
-    def _schedule(self, spec: InferenceRequestSpec, excluded: frozenset[str]) -> Decision:
+    def _candidates(self, session_peer: str | None) -> list[Candidate]:
         candidates = []
         for body in list(self.peers.values()):
             try:
                 peer = PeerNode.model_validate(body)
             except ValidationError:
                 continue
-            candidates.append(Candidate(peer, local=peer.spec.cluster == self.cluster))
+            local = peer.spec.cluster == self.cluster
+            warm = peer.metadata.name == session_peer
+            candidates.append(Candidate(peer, local=local, session_warm=warm))
+        return candidates
+
+    def _split(
+        self,
+        spec: InferenceRequestSpec,
+        candidates: list[Candidate],
+        decode: Decision,
+        prompt: dict[str, Any],
+        excluded: set[str],
+    ) -> SplitDecision | None:
+        """Whether a second peer should compute the prompt; None when not asked to consider it.
+
+        The operator runs every request on one peer: moving KV between peers is the router's
+        (LMCache, vLLM peers only), so here the decision is only explained.
+        """
+        if spec.placement.disaggregation == "never":
+            return None
+        others = schedule(spec, candidates, self.profile, frozenset({*excluded, decode.peer.name}))
+        if not isinstance(others, Decision):
+            return SplitDecision(False, "no second peer can serve the model")
+        # About four characters a token: the prompt is tokenized on the worker, not here.
+        tokens = len(json.dumps(prompt)) // 4
+        return decide_split(
+            spec.placement.disaggregation, others.peer.peer, decode.peer.peer, spec.model, tokens
+        )
+
+    def _schedule(
+        self, spec: InferenceRequestSpec, candidates: list[Candidate], excluded: frozenset[str]
+    ) -> Decision:
         result = schedule(spec, candidates, self.profile, excluded)
         if isinstance(result, Decision):
             return result
@@ -454,3 +497,9 @@ def _output_config_map(body: Body, text: str) -> dict[str, Any]:
         },
         "data": {OUTPUT_KEY: text},
     }
+
+
+def _split_note(split: SplitDecision) -> str:
+    if split.split:  # the router moves KV between peers; the operator runs on one
+        return f"a prefill/decode split would pay ({split.reason}), but it is the router's"
+    return f"prefill and decode not split: {split.reason}"

@@ -19,6 +19,7 @@ class Candidate:
 
     peer: PeerNode
     local: bool  # in the scheduling cluster, not a mirror
+    session_warm: bool = False  # served the request's session lately: its KV is still there
 
     @property
     def name(self) -> str:

@@ -118,6 +118,16 @@ class KVCacheRoom:
 
 
 @dataclass(frozen=True)
+class SessionAffinity:
+    """Keeps a session on the peer that holds its KV, unless that peer is filtered out."""
+
+    name: str = "session-affinity"
+
+    def score(self, request: InferenceRequestSpec, candidate: Candidate) -> float:
+        return 1.0 if candidate.session_warm else 0.0
+
+
+@dataclass(frozen=True)
 class Local:
     """Prefers this cluster's own peers when scores are otherwise close."""
 
@@ -148,6 +158,7 @@ def registry() -> dict[str, Callable[[], Filter | Scorer | Picker]]:
         MatchesSelector,
         LeastLoaded,
         KVCacheRoom,
+        SessionAffinity,
         Local,
         MaxScore,
     ]
@@ -158,6 +169,7 @@ def default_profile() -> Profile:
     scorers: list[tuple[Scorer, float]] = [
         (LeastLoaded(), 2.0),
         (KVCacheRoom(), 1.0),
+        (SessionAffinity(), 4.0),  # more than all the others: a warm KV beats an idle peer
         (Local(), 0.5),
     ]
     picker: Picker = MaxScore()

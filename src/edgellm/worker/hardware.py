@@ -9,7 +9,11 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from gguf import GGUFReader, GGUFValueType
 
 from edgellm.api import Accelerator, PeerResources
 from edgellm.api.peernode import LocalModel
@@ -60,6 +64,29 @@ def gpus(nvidia_smi: str = "nvidia-smi") -> list[Accelerator]:
     ]
 
 
+def gguf_kv_bytes_per_token(path: Path) -> int | None:
+    """From the GGUF header: keys and values of every layer, in llama.cpp's default f16 cache."""
+    try:
+        fields = GGUFReader(path).fields
+        architecture = _gguf_value(fields, "general.architecture")
+        layers, width, heads = (
+            int(_gguf_value(fields, f"{architecture}.{key}"))
+            for key in ("block_count", "embedding_length", "attention.head_count")
+        )
+        kv_heads = int(_gguf_value(fields, f"{architecture}.attention.head_count_kv") or heads)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a model llama.cpp describes this way: the size stays unknown
+    return 2 * layers * kv_heads * (width // heads) * 2
+
+
+def _gguf_value(fields: Mapping[str, Any], key: str) -> Any:
+    field = fields[key]
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0] == GGUFValueType.STRING:
+        return bytes(value).decode()
+    return value[0]
+
+
 def local_models(directory: Path) -> list[LocalModel]:
     """GGUF files, and folders of safetensors with a config.json, directly in `directory`."""
     if not directory.is_dir():
@@ -67,7 +94,14 @@ def local_models(directory: Path) -> list[LocalModel]:
     found = []
     for path in directory.iterdir():
         if path.is_file() and path.suffix == ".gguf":
-            found.append(LocalModel(name=path.stem, format="gguf", size_bytes=path.stat().st_size))
+            found.append(
+                LocalModel(
+                    name=path.stem,
+                    format="gguf",
+                    size_bytes=path.stat().st_size,
+                    kv_bytes_per_token=gguf_kv_bytes_per_token(path),
+                )
+            )
         elif path.is_dir() and (path / "config.json").is_file():
             shards = list(path.glob("*.safetensors"))
             if shards:

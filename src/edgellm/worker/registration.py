@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from kubernetes import client
 
 from edgellm.api import ORIGIN_CLUSTER_LABEL, PeerLoad, PeerNode, PeerNodeSpec
@@ -45,13 +46,24 @@ def heartbeat(api: client.ApiClient, name: str, load: PeerLoad) -> None:
     )
 
 
+def worker_load(endpoint: str) -> PeerLoad:
+    """The load the peer's worker reports on /healthz; none when it does not answer."""
+    try:
+        response = httpx.get(f"{endpoint.rstrip('/')}/healthz", timeout=2.0)
+        return PeerLoad.model_validate(response.json().get("load", {}))
+    except (httpx.HTTPError, ValueError) as e:
+        logger.info("no load from the worker at %s: %s", endpoint, e)
+        return PeerLoad()
+
+
 def heartbeat_until(
-    api: client.ApiClient, name: str, interval: float, stop: threading.Event
+    api: client.ApiClient, name: str, endpoint: str, interval: float, stop: threading.Event
 ) -> None:
-    """Heartbeats every `interval` seconds until `stop` is set; a failed beat is retried."""
+    """Heartbeats every `interval` seconds, with the worker's load, until `stop` is set; a
+    failed beat is retried."""
     while not stop.is_set():
         try:
-            heartbeat(api, name, PeerLoad())
+            heartbeat(api, name, worker_load(endpoint))
         except (client.ApiException, OSError) as e:
             logger.warning("heartbeat failed, retrying: %s", e)
         stop.wait(interval)

@@ -9,6 +9,7 @@ worker accepts exactly what an InferenceRequest may say.
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from typing import Any
@@ -25,7 +26,7 @@ from prometheus_client import (
 from pydantic import Field, ValidationError
 from starlette.background import BackgroundTask
 
-from edgellm.api import ChatMessage, SamplingParams
+from edgellm.api import ChatMessage, PeerLoad, SamplingParams
 from edgellm.api._common import Model
 from edgellm.worker.kvevents import KVEvents
 from edgellm.worker.llamacpp import LlamaCppBackend, Piece, PromptTooLongError, Sampling, Usage
@@ -42,6 +43,11 @@ class GenerateRequest(Model):
     """Text already generated for this prompt by a lost peer: generation goes on after it."""
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     stream: bool = False
+
+
+def _smooth(average: float, sample: float) -> float:
+    """An exponential moving average, so one odd request does not swing the peer's figures."""
+    return sample if average == 0 else 0.7 * average + 0.3 * sample
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -116,9 +122,18 @@ def create_app(backend: LlamaCppBackend, model: str, kv_events: KVEvents | None 
     if kv_events is not None:
         kv_events.publisher.publish([kv_events.tracker.clear()])
 
+    load = PeerLoad()  # what the peer's heartbeat reports to the federation
+
     @app.get("/healthz")
     def health() -> dict[str, Any]:
-        return {"model": model, "context": backend.context, "running": len(running)}
+        load.running_requests = 1 if turn.locked() else 0
+        load.queued_requests = max(len(running) - load.running_requests, 0)
+        return {
+            "model": model,
+            "context": backend.context,
+            "running": len(running),
+            "load": load.to_wire(),
+        }
 
     @app.get("/metrics")
     def export() -> Response:
@@ -149,8 +164,17 @@ def create_app(backend: LlamaCppBackend, model: str, kv_events: KVEvents | None 
             running.pop(body.id, None)
             tokens.inc(usage.completion_tokens)
             finished.labels(reason).inc()
-            if usage.first_token_seconds is not None:
+            if usage.first_token_seconds:
                 ttft.observe(usage.first_token_seconds)
+                computed = usage.prompt_tokens - usage.cached_tokens
+                rate = computed / usage.first_token_seconds
+                load.prefill_tokens_per_second = round(
+                    _smooth(load.prefill_tokens_per_second, rate), 1
+                )
+            decoding = time.monotonic() - started - (usage.first_token_seconds or 0.0)
+            if usage.completion_tokens > 1 and decoding > 0:
+                rate = usage.completion_tokens / decoding
+                load.tokens_per_second = round(_smooth(load.tokens_per_second, rate), 1)
             if kv_events is not None:
                 kv_events.after_generation(backend.context_tokens())
 
@@ -163,6 +187,7 @@ def create_app(backend: LlamaCppBackend, model: str, kv_events: KVEvents | None 
         except BaseException:  # the client left while it waited
             running.pop(body.id, None)
             raise
+        started = time.monotonic()
         generation = Generation(
             backend.generate(prompt, sampling, usage, cancelled, body.continuation),
             cancelled,
