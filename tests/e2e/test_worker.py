@@ -45,12 +45,13 @@ def slow_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield worker.url
 
 
-def test_health_names_the_model_and_its_context(worker: str) -> None:
-    assert httpx.get(f"{worker}/healthz").json() == {
-        "model": "tiny-random",
-        "context": TINY.context,
-        "running": 0,
-    }
+def test_health_names_the_model_its_context_and_its_load(worker: str) -> None:
+    health = httpx.get(f"{worker}/healthz").json()
+    assert health["model"] == "tiny-random"
+    assert health["context"] == TINY.context
+    assert health["running"] == 0
+    assert health["load"]["runningRequests"] == 0
+    assert health["load"]["queuedRequests"] == 0
 
 
 def test_a_chat_is_answered_with_usage_and_repeats_at_temperature_zero(worker: str) -> None:

@@ -19,6 +19,7 @@ from edgellm.worker.llamacpp import FinishReason, Piece, PromptTooLongError, Sam
 from edgellm.worker.vllm import (
     CompletionStream,
     Lmcache,
+    NoChatTemplateError,
     RemoteStoragePlugin,
     Role,
     VllmBackend,
@@ -494,3 +495,23 @@ def test_a_vllm_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -
     )
     with pytest.raises(VllmStartError, match="not healthy"):
         asyncio.run(backend.start())
+
+
+def test_a_chat_is_rendered_with_the_model_folders_own_template(tmp_path: Path) -> None:
+    template = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template + "<assistant>", "bos_token": {"content": "<s>"}})
+    )
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    backend = VllmBackend(settings(model=str(tmp_path)), tmp_path / "work")
+    chat = [{"role": "user", "content": "hi"}]
+    assert backend.chat_prompt(chat) == "<s><user>hi<assistant>"
+    assert backend.context == 4096
+    assert VllmBackend(settings(model=str(tmp_path), maxModelLen=1024), tmp_path).context == 1024
+
+
+def test_a_chat_for_a_model_without_a_template_is_refused_clearly(tmp_path: Path) -> None:
+    backend = VllmBackend(settings(model="meta-llama/Llama-3.1-8B"), tmp_path)
+    with pytest.raises(NoChatTemplateError, match="send a prompt rather than messages"):
+        backend.chat_prompt([{"role": "user", "content": "hi"}])
+    assert backend.context == 0

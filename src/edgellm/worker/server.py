@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -30,6 +30,7 @@ from edgellm.api import ChatMessage, PeerLoad, SamplingParams
 from edgellm.api._common import Model
 from edgellm.worker.kvevents import KVEvents
 from edgellm.worker.llamacpp import LlamaCppBackend, Piece, PromptTooLongError, Sampling, Usage
+from edgellm.worker.vllm import VllmBackend, VllmError
 
 
 class GenerateRequest(Model):
@@ -102,8 +103,61 @@ class Generation:
             self._step.add_done_callback(release)
 
 
-def create_app(backend: LlamaCppBackend, model: str, kv_events: KVEvents | None = None) -> FastAPI:
-    app = FastAPI(title="EdgeLLM worker")
+class StreamGeneration:
+    """One generation of a backend that batches requests itself (vLLM): no turn to hold."""
+
+    def __init__(
+        self,
+        pieces: AsyncGenerator[Piece, None],
+        cancelled: threading.Event,
+        on_close: Callable[[str], None],
+    ) -> None:
+        self._pieces = pieces
+        self._cancelled = cancelled
+        self._on_close = on_close
+        self._reason = "cancelled"
+        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
+
+    async def next(self) -> Piece | None:
+        if self._closed:
+            return None
+        if self._cancelled.is_set():
+            self.close()
+            return Piece("", "cancelled")
+        piece = await anext(self._pieces, None)
+        if piece is not None and piece.finish_reason:
+            self._reason = piece.finish_reason
+        return piece
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._cancelled.set()
+        self._on_close(self._reason)
+        # Closing the HTTP stream is what aborts the request in vLLM; in a task of its own,
+        # as a cleanup must not await (see Generation).
+        self._closing = asyncio.ensure_future(self._pieces.aclose())
+
+
+Backend = LlamaCppBackend | VllmBackend
+
+
+@asynccontextmanager
+async def _serving(backend: Backend) -> AsyncIterator[None]:
+    """vLLM runs as a child process for as long as the app serves."""
+    if isinstance(backend, VllmBackend):
+        await backend.start()
+    try:
+        yield
+    finally:
+        if isinstance(backend, VllmBackend):
+            await backend.stop()
+
+
+def create_app(backend: Backend, model: str, kv_events: KVEvents | None = None) -> FastAPI:
+    app = FastAPI(title="EdgeLLM worker", lifespan=lambda _: _serving(backend))
     running: dict[str, threading.Event] = {}
     turn = asyncio.Lock()  # one generation at a time: llama.cpp's context is single
     metrics = CollectorRegistry()
@@ -155,7 +209,12 @@ def create_app(backend: LlamaCppBackend, model: str, kv_events: KVEvents | None 
             return _error(400, str(e))
         if (body.prompt is None) == (body.messages is None):
             return _error(400, "exactly one of prompt or messages must be set")
-        prompt = body.prompt or backend.chat_prompt([m.model_dump() for m in body.messages or []])
+        try:
+            prompt = body.prompt or backend.chat_prompt(
+                [m.model_dump() for m in body.messages or []]
+            )
+        except ValueError as e:
+            return _error(400, str(e))
         sampling = Sampling(**{**body.sampling.model_dump(), "stop": tuple(body.sampling.stop)})
         cancelled = threading.Event()
         usage = Usage()
@@ -175,30 +234,35 @@ def create_app(backend: LlamaCppBackend, model: str, kv_events: KVEvents | None 
             if usage.completion_tokens > 1 and decoding > 0:
                 rate = usage.completion_tokens / decoding
                 load.tokens_per_second = round(_smooth(load.tokens_per_second, rate), 1)
-            if kv_events is not None:
+            if kv_events is not None and isinstance(backend, LlamaCppBackend):
                 kv_events.after_generation(backend.context_tokens())
 
         if body.id:  # cancellable while it waits for the model, too
             running[body.id] = cancelled
-        # Waiting requests wait here, not in worker threads: threads blocked on the model's
-        # lock would starve the one generation that holds it.
-        try:
-            await turn.acquire()
-        except BaseException:  # the client left while it waited
-            running.pop(body.id, None)
-            raise
-        started = time.monotonic()
-        generation = Generation(
-            backend.generate(prompt, sampling, usage, cancelled, body.continuation),
-            cancelled,
-            turn,
-            finish,
-        )
+        generation: Generation | StreamGeneration
+        if isinstance(backend, VllmBackend):
+            started = time.monotonic()
+            stream = backend.stream(prompt + body.continuation, sampling, usage)
+            generation = StreamGeneration(stream, cancelled, finish)
+        else:
+            # Waiting requests wait here, not in worker threads: threads blocked on the
+            # model's lock would starve the one generation that holds it.
+            try:
+                await turn.acquire()
+            except BaseException:  # the client left while it waited
+                running.pop(body.id, None)
+                raise
+            started = time.monotonic()
+            tokens_out = backend.generate(prompt, sampling, usage, cancelled, body.continuation)
+            generation = Generation(tokens_out, cancelled, turn, finish)
         try:
             first = await generation.next()
         except PromptTooLongError as e:
             generation.close()
             return _error(400, str(e))
+        except VllmError as e:
+            generation.close()
+            return _error(502, str(e), "server_error")
         except BaseException:  # the client left before the first token
             generation.close()
             raise

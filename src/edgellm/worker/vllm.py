@@ -23,6 +23,7 @@ Errors::
 
     VllmError
     ├── VllmStartError    `vllm serve` exited, or was not healthy by the deadline
+    ├── NoChatTemplateError  messages sent to a model without a chat template
     └── VllmStreamError   a generation failed: vLLM refused it, or its stream broke off
 
 A prompt longer than the model's context raises the llama.cpp backend's `PromptTooLongError`,
@@ -37,12 +38,13 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, Self
 
 import httpx
 import yaml
+from jinja2 import Template  # chat templates, as the llama.cpp backend renders GGUF ones
 from pydantic import ConfigDict, Field, model_validator
 
 from edgellm.api._common import Model
@@ -83,6 +85,10 @@ class VllmError(Exception):
 
 class VllmStartError(VllmError):
     """`vllm serve` exited, or did not become healthy before the deadline."""
+
+
+class NoChatTemplateError(VllmError, ValueError):
+    """Messages were sent, but the model has no chat template to render them with."""
 
 
 class VllmStreamError(VllmError):
@@ -473,6 +479,22 @@ class CompletionStream:
             self.usage.cached_tokens = details["cached_tokens"]
 
 
+def _model_file(model: str, name: str) -> dict[str, Any] | None:
+    """A JSON file of a local model folder; None for a hub id or a missing file."""
+    path = Path(model) / name
+    if not path.is_file():
+        return None
+    loaded = json.loads(path.read_text())
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _token_text(token: Any) -> str:
+    # tokenizer_config.json writes special tokens as strings or as {"content": ...}.
+    if isinstance(token, dict):
+        return str(token.get("content", ""))
+    return str(token or "")
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         with path.open(errors="replace") as f:
@@ -505,6 +527,33 @@ class VllmBackend:
         self.log_path = workdir / "vllm.log"
         self._process: asyncio.subprocess.Process | None = None
         self._client: httpx.AsyncClient | None = None
+
+    @property
+    def context(self) -> int:
+        """The context length: max_model_len, else the local model's config; 0 when unknown."""
+        if self.settings.max_model_len is not None:
+            return self.settings.max_model_len
+        config = _model_file(self.settings.model, "config.json")
+        return int(config.get("max_position_embeddings", 0)) if config else 0
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """A chat rendered with the local model's own template (tokenizer_config.json), as
+        vLLM's chat endpoint would, so the worker API is the same for both backends."""
+        config = _model_file(self.settings.model, "tokenizer_config.json") or {}
+        template = config.get("chat_template")
+        if not isinstance(template, str):
+            raise NoChatTemplateError(
+                f"{self.settings.model} has no chat template in tokenizer_config.json:"
+                " send a prompt rather than messages"
+            )
+        return str(
+            Template(template).render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=_token_text(config.get("bos_token")),
+                eos_token=_token_text(config.get("eos_token")),
+            )
+        )
 
     def _prepare(self) -> int:
         """Writes the LMCache YAML; the descriptor of a fresh log file for vLLM's output."""
@@ -595,7 +644,7 @@ class VllmBackend:
         usage: Usage,
         *,
         kv_transfer_params: Mapping[str, Any] | None = None,
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         """Yields the generated text as vLLM streams it; `usage` is filled as it goes.
 
         Closing the iterator (or cancelling its task) closes the HTTP stream, and vLLM aborts
