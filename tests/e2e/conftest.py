@@ -270,16 +270,22 @@ class ServingPeer:
 
 
 @contextmanager
-def serving_peer(kubeconfig: Path, name: str, model: Path) -> Iterator[ServingPeer]:
+def serving_peer(
+    kubeconfig: Path, name: str, model: Path, kv_events: bool = False
+) -> Iterator[ServingPeer]:
     """A worker serving `model`, joined as the peer `name` of kubeconfig's cluster, once it is
-    Ready there; it leaves at the end."""
-    with worker_process(model) as worker:
+    Ready there; it leaves at the end. With `kv_events`, it publishes them and says where."""
+    port = free_port()
+    publish = [f"--kv-events=tcp://*:{port}"] if kv_events else []
+    advertise = [f"--kv-events=tcp://127.0.0.1:{port}"] if kv_events else []
+    with worker_process(model, *publish) as worker:
         join = subprocess.Popen(
             [
                 *(sys.executable, "-m", "edgellm", "join", f"--kubeconfig={kubeconfig}"),
                 f"--name={name}",
                 f"--endpoint={worker.url}",
                 f"--models-dir={model.parent}",
+                *advertise,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

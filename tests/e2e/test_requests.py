@@ -28,7 +28,9 @@ def tiny_peer(
 ) -> Iterator[str]:
     """A worker serving tiny-random, joined as the peer edge-1-worker."""
     model = write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY)
-    with serving_peer(cluster_kubeconfigs["edge-1"], "edge-1-worker", model) as peer:
+    with serving_peer(
+        cluster_kubeconfigs["edge-1"], "edge-1-worker", model, kv_events=True
+    ) as peer:
         yield peer.name
 
 
@@ -38,7 +40,9 @@ def remote_tiny_peer(
 ) -> Iterator[str]:
     """A second tiny-random worker, joined in edge-2: edge-1 sees it as a mirror."""
     model = write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY)
-    with serving_peer(cluster_kubeconfigs["edge-2"], "edge-2-worker", model) as peer:
+    with serving_peer(
+        cluster_kubeconfigs["edge-2"], "edge-2-worker", model, kv_events=True
+    ) as peer:
         yield peer.name
 
 
@@ -212,17 +216,40 @@ def test_a_large_output_goes_to_a_config_map_the_request_owns(
 def test_a_session_keeps_its_peer_until_its_idle_ttl(
     joined: LocalFederation, tiny_peer: str, remote_tiny_peer: str
 ) -> None:
+    other = _away_from_the_default(joined, tiny_peer, remote_tiny_peer, "session-control")
+    chat = {"name": "chat-1", "idleTTLSeconds": 600}
+    _submit(joined, "turn-1", session=chat, placement={"clusters": [_cluster(other)]})
+    assert _finished(joined, "turn-1")["assignment"]["decodePeer"] == other
+    _submit(joined, "turn-2", session=chat)
+    assert _finished(joined, "turn-2")["assignment"]["decodePeer"] == other
+    assert any("the session's warm peer" in m for m in _event_messages(joined, "turn-2"))
+
+
+def _away_from_the_default(
+    joined: LocalFederation, tiny_peer: str, remote_tiny_peer: str, control: str
+) -> str:
+    """The peer the scheduler would not choose now for a plain request: where a test puts
+    what should draw the next request (a session, a prefix) to show that it does."""
     eventually(
         lambda: _ready(_get(joined, "peernodes", remote_tiny_peer)), DONE, "edge-1 sees edge-2's"
     )
-    chat = {"name": "chat-1", "idleTTLSeconds": 600}
-    _submit(joined, "turn-1", session=chat, placement={"clusters": ["edge-2"]})
-    assert _finished(joined, "turn-1")["assignment"]["decodePeer"] == remote_tiny_peer
-    _submit(joined, "turn-2", session=chat)
-    assert _finished(joined, "turn-2")["assignment"]["decodePeer"] == remote_tiny_peer
-    # Without the session, edge-1's operator prefers its own peer.
-    _submit(joined, "no-session")
-    assert _finished(joined, "no-session")["assignment"]["decodePeer"] == tiny_peer
+    _submit(joined, control, sampling={"maxTokens": 2})
+    default = _finished(joined, control)["assignment"]["decodePeer"]
+    return remote_tiny_peer if default == tiny_peer else tiny_peer
+
+
+def _cluster(peer: str) -> str:
+    return peer.split("-worker")[0]
+
+
+def _event_messages(joined: LocalFederation, name: str) -> list[str]:
+    with api_client(joined.clusters[0].kubeconfig("admin")) as api:
+        items = (
+            client.CoreV1Api(api)
+            .list_namespaced_event("default", field_selector=f"involvedObject.name={name}")
+            .items
+        )
+    return [e.message for e in items]
 
 
 def test_peers_report_their_workers_load(joined: LocalFederation, tiny_peer: str) -> None:
@@ -237,3 +264,20 @@ def test_peers_report_their_workers_load(joined: LocalFederation, tiny_peer: str
 def _ready(body: dict[str, Any] | None) -> bool:
     conditions = (body or {}).get("status", {}).get("conditions", [])
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def test_a_prompt_goes_to_the_peer_that_holds_its_prefix(
+    joined: LocalFederation, tiny_peer: str, remote_tiny_peer: str
+) -> None:
+    other = _away_from_the_default(joined, tiny_peer, remote_tiny_peer, "prefix-control")
+    shared = "peers pool their machines to serve models none could serve alone; " * 6
+    greedy = {"maxTokens": 4, "temperature": 0}
+    placement = {"clusters": [_cluster(other)]}
+    first = {"messages": None, "prompt": shared + "first", "sampling": greedy}
+    _submit(joined, "prefix-first", placement=placement, **first)
+    assert _finished(joined, "prefix-first")["assignment"]["decodePeer"] == other
+    # No placement now: the peer's KV events said it holds the prefix.
+    _submit(joined, "prefix-second", messages=None, prompt=shared + "second", sampling=greedy)
+    status = _finished(joined, "prefix-second")
+    assert status["assignment"]["decodePeer"] == other
+    assert status["cache"]["cachedTokens"] >= 16 * 4

@@ -89,6 +89,16 @@ class LocalModel(Model):
     when known: what moving a prompt's KV to another peer costs."""
 
 
+class KVEventsSource(Model):
+    """A ZMQ publisher of KV events in vLLM's format (`edgellm worker --kv-events`, or vLLM's
+    --kv-events-config)."""
+
+    endpoint: str = Field(pattern=r"^tcp://\S+:[0-9]+$", max_length=512)
+    """The address subscribers connect to, such as tcp://192.168.1.20:5557."""
+    topic: str = Field(default="kv-events", max_length=253)
+    """The topic of the events."""
+
+
 class PeerNodeSpec(Model):
     """What the peer offers. Written by `edgellm join` or by the operator for labelled Nodes."""
 
@@ -133,6 +143,9 @@ class PeerNodeSpec(Model):
     """Models the peer holds locally and can load without downloading."""
     ipfs_peer_id: str | None = Field(default=None, alias="ipfsPeerID", pattern=IPFS_PEER_ID_PATTERN)
     """The peer's IPFS (Kubo) id, for sharing KV-cache blocks."""
+    kv_events: KVEventsSource | None = None
+    """Where the peer's worker publishes its KV events, which schedulers index to send a
+    prompt to the peer that holds its prefix."""
     trust_level: TrustLevel = "community"
     """How far requests may trust this peer with their prompts: untrusted, community, trusted."""
     unschedulable: bool = False

@@ -29,6 +29,12 @@ def run_operator(
         int,
         typer.Option(help="Bytes of output kept in a request's status; more go to a ConfigMap."),
     ] = 16384,
+    kv_hash_seed: Annotated[
+        str,
+        typer.Option(
+            envvar="PYTHONHASHSEED", help="The workers' --hash-seed, for KV block hashes."
+        ),
+    ] = "0",
     metrics_port: Annotated[
         int, typer.Option(help="Prometheus /metrics port; 0 turns it off.")
     ] = 9090,
@@ -45,6 +51,7 @@ def run_operator(
             sync_interval_seconds=sync_interval,
             pool_interval_seconds=pool_interval,
             inline_output_limit_bytes=inline_output_limit,
+            kv_hash_seed=kv_hash_seed,
             metrics_port=metrics_port,
         )
     )

@@ -57,6 +57,14 @@ def join(
         str, typer.Option(help="Locality label; peers in one region prefer each other.")
     ] = "",
     trust: Annotated[str, typer.Option(help="untrusted, community or trusted.")] = "community",
+    kv_events: Annotated[
+        str | None,
+        typer.Option(
+            help="Where schedulers subscribe to the worker's KV events (tcp://<this machine>:5557,"
+            " as the worker's --kv-events binds it)."
+        ),
+    ] = None,
+    kv_events_topic: Annotated[str, typer.Option(help="Topic of the KV events.")] = "kv-events",
     heartbeat_ttl: Annotated[
         int, typer.Option(min=5, help="Seconds without a heartbeat before the peer is not Ready.")
     ] = 30,
@@ -85,6 +93,9 @@ def join(
                 ),
                 "models": hardware.local_models(models_dir.expanduser()),
                 "trustLevel": trust,
+                "kvEvents": {"endpoint": kv_events, "topic": kv_events_topic}
+                if kv_events
+                else None,
                 "heartbeatTTLSeconds": heartbeat_ttl,
             }
         )

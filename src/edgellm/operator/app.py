@@ -58,7 +58,8 @@ def build_registry(
         runtime.local.close()
 
     @kopf.on.event("edgellm.io", "v1alpha1", "peernodes", registry=registry)
-    def peer_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    async def peer_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        # In the event loop, not kopf's threads: it starts KV-event subscriptions.
         memo[RUNTIME].on_peer_event(event["type"], dict(event["object"]))
 
     @kopf.on.event("edgellm.io", "v1alpha1", "workerpools", registry=registry)

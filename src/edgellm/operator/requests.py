@@ -34,6 +34,8 @@ from edgellm.api.inferencerequest import (
     InferenceRequestStatus,
     Output,
 )
+from edgellm.kvcache import ExternalBlockHash, block_hashes, external_hash
+from edgellm.kvcache.index import KVIndex
 from edgellm.operator.events import EventRecorder
 from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
@@ -82,6 +84,8 @@ class RequestRunner:
         profile: Profile,
         progress_interval: float = 1.0,
         inline_output_limit: int = 16384,
+        kv_index: KVIndex | None = None,
+        kv_hash_seed: str = "0",
     ) -> None:
         self.local = local
         self.cluster = cluster
@@ -91,6 +95,8 @@ class RequestRunner:
         self.progress_interval = progress_interval
         self.inline_output_limit = inline_output_limit
         self.sessions = SessionTable()
+        self.kv_index = KVIndex() if kv_index is None else kv_index  # empty is falsy
+        self.kv_hash_seed = kv_hash_seed
 
     async def run(self, body: Body, stopped: asyncio.Event) -> None:
         metadata = body["metadata"]
@@ -112,9 +118,10 @@ class RequestRunner:
         try:
             prompt = await asyncio.to_thread(self._prompt, spec, metadata["namespace"])
             session = f"{metadata['namespace']}/{spec.session.name}" if spec.session else None
+            blocks = await self._prompt_blocks(spec, prompt)
             while True:
                 warm = self.sessions.peer(session, time.monotonic()) if session else None
-                candidates = self._candidates(warm)
+                candidates = self._candidates(warm, blocks)
                 decision = self._schedule(spec, candidates, frozenset(excluded))
                 split = self._split(spec, candidates, decision, prompt, excluded)
                 peer = PeerName(decision.peer.name)
@@ -212,17 +219,51 @@ class RequestRunner:
             raise RequestFailedError("EmptyPrompt", f"key {ref.key!r} of {ref.name} is empty")
         return {"prompt": value}
 
-    def _candidates(self, session_peer: str | None) -> list[Candidate]:
+    def _candidates(
+        self, session_peer: str | None, blocks: list[ExternalBlockHash]
+    ) -> list[Candidate]:
         candidates = []
         for body in list(self.peers.values()):
             try:
                 peer = PeerNode.model_validate(body)
             except ValidationError:
                 continue
-            local = peer.spec.cluster == self.cluster
-            warm = peer.metadata.name == session_peer
-            candidates.append(Candidate(peer, local=local, session_warm=warm))
+            name = peer.metadata.name
+            cached = self.kv_index.matched_blocks(name, blocks) / len(blocks) if blocks else 0.0
+            candidates.append(
+                Candidate(
+                    peer,
+                    local=peer.spec.cluster == self.cluster,
+                    session_warm=name == session_peer,
+                    cached_fraction=cached,
+                )
+            )
         return candidates
+
+    async def _prompt_blocks(
+        self, spec: InferenceRequestSpec, prompt: dict[str, Any]
+    ) -> list[ExternalBlockHash]:
+        """The prompt's KV block hashes, as the peers' KV events name them; none while no peer
+        publishes events. Tokens come from a worker of the model: the operator has no weights."""
+        if not len(self.kv_index):
+            return []
+        holders = [
+            body["spec"]["endpoint"]
+            for body in list(self.peers.values())
+            if any(m.get("name") == spec.model for m in body["spec"].get("models", []))
+        ]
+        for endpoint in holders[:2]:  # a second chance, no more: this is only a preference
+            try:
+                async with httpx.AsyncClient(timeout=2.0) as http:
+                    response = await http.post(f"{endpoint.rstrip('/')}/v1/tokenize", json=prompt)
+                tokens = response.raise_for_status().json()["tokens"]
+            except (httpx.HTTPError, ValueError, KeyError) as e:
+                logger.info("tokenizing on %s for the KV index: %s", endpoint, e)
+                continue
+            blocks = [external_hash(h) for h in block_hashes(tokens, seed=self.kv_hash_seed)]
+            logger.debug("%d prompt tokens, %d blocks to look up", len(tokens), len(blocks))
+            return blocks
+        return []
 
     def _split(
         self,

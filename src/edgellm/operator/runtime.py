@@ -30,8 +30,10 @@ from edgellm.federation.membership import Endpoint, Member, introduce, token_kub
 from edgellm.federation.mirror import plan
 from edgellm.federation.rbac import FEDERATION_NAMESPACE
 from edgellm.kube import new_api_client
+from edgellm.kvcache.index import KVIndex
 from edgellm.operator import nodepeers, peerhealth
 from edgellm.operator.events import EventRecorder
+from edgellm.operator.kvsubscriptions import KVSubscriptions
 from edgellm.operator.metrics import OperatorMetrics
 from edgellm.operator.requests import RequestRunner
 from edgellm.operator.settings import OperatorSettings
@@ -67,6 +69,7 @@ class Runtime:
         self.metrics = metrics
         self.peers: dict[str, Body] = {}
         self.events = EventRecorder(local, settings.cluster)
+        self.kv_events = KVSubscriptions(KVIndex())
         self.requests = RequestRunner(
             local,
             settings.cluster,
@@ -75,6 +78,8 @@ class Runtime:
             default_profile(),
             settings.progress_interval_seconds,
             settings.inline_output_limit_bytes,
+            self.kv_events.index,
+            settings.kv_hash_seed,
         )
         self.syncers: dict[str, MemberSyncer] = {}
         # False while this cluster's own apiserver fails: our view of our peers is then stale,
@@ -90,7 +95,8 @@ class Runtime:
         listed = client.CustomObjectsApi(self.local).list_cluster_custom_object(
             GROUP, VERSION, "peernodes"
         )
-        self.peers.update({p["metadata"]["name"]: p for p in listed["items"]})
+        for peer in listed["items"]:
+            self.on_peer_event(None, peer)
         self._tasks = [
             asyncio.create_task(self._health_loop(), name="peer-health"),
             asyncio.create_task(self._members_loop(), name="federation-members"),
@@ -101,6 +107,7 @@ class Runtime:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.kv_events.stop()
 
     # --- peers -----------------------------------------------------------------------------
 
@@ -108,8 +115,10 @@ class Runtime:
         name = body["metadata"]["name"]
         if event_type == "DELETED":
             self.peers.pop(name, None)
+            self.kv_events.update(name, None)
         else:
             self.peers[name] = body
+            self.kv_events.update(name, body.get("spec"))
         if body.get("spec", {}).get("cluster") == self.settings.cluster:
             for syncer in self.syncers.values():
                 syncer.wake.set()

@@ -25,6 +25,8 @@ class OperatorSettings(BaseModel):
     resumed after a lost peer or an operator restart goes on from)."""
     inline_output_limit_bytes: int = Field(default=16384, ge=0)
     """Outputs larger than this go to a ConfigMap the request owns, named in its status."""
+    kv_hash_seed: str = "0"
+    """Seed of the KV block hashes: the workers' --hash-seed (vLLM's PYTHONHASHSEED)."""
     pool_interval_seconds: float = Field(default=5.0, gt=0)
     """How often every WorkerPool is sized to its demand and its workers' state read."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)

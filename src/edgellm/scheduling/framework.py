@@ -20,6 +20,7 @@ class Candidate:
     peer: PeerNode
     local: bool  # in the scheduling cluster, not a mirror
     session_warm: bool = False  # served the request's session lately: its KV is still there
+    cached_fraction: float = 0.0  # share of the prompt's KV blocks the peer holds (KV events)
 
     @property
     def name(self) -> str:

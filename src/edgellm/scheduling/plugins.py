@@ -118,6 +118,16 @@ class KVCacheRoom:
 
 
 @dataclass(frozen=True)
+class PrefixCacheOverlap:
+    """Prefers the peer that holds most of the prompt's KV: what it holds is not recomputed."""
+
+    name: str = "prefix-cache-overlap"
+
+    def score(self, request: InferenceRequestSpec, candidate: Candidate) -> float:
+        return candidate.cached_fraction
+
+
+@dataclass(frozen=True)
 class SessionAffinity:
     """Keeps a session on the peer that holds its KV, unless that peer is filtered out."""
 
@@ -158,6 +168,7 @@ def registry() -> dict[str, Callable[[], Filter | Scorer | Picker]]:
         MatchesSelector,
         LeastLoaded,
         KVCacheRoom,
+        PrefixCacheOverlap,
         SessionAffinity,
         Local,
         MaxScore,
@@ -169,6 +180,7 @@ def default_profile() -> Profile:
     scorers: list[tuple[Scorer, float]] = [
         (LeastLoaded(), 2.0),
         (KVCacheRoom(), 1.0),
+        (PrefixCacheOverlap(), 4.0),  # a cached prompt outweighs a busier, fuller peer
         (SessionAffinity(), 4.0),  # more than all the others: a warm KV beats an idle peer
         (Local(), 0.5),
     ]

@@ -74,6 +74,10 @@ class LlamaCppBackend:
     def tokenize(self, text: str) -> list[int]:
         return list(self._llama.tokenize(text.encode(), add_bos=True, special=True))
 
+    async def tokenize_async(self, text: str) -> list[int]:
+        # Tokenizing touches only the vocabulary, not the context a generation may be using.
+        return self.tokenize(text)
+
     def context_tokens(self) -> list[int]:
         """The tokens whose KV the context holds (the last prompt and its generation)."""
         return [int(t) for t in self._llama.input_ids[: self._llama.n_tokens]]

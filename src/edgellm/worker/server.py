@@ -193,6 +193,21 @@ def create_app(backend: Backend, model: str, kv_events: KVEvents | None = None) 
     def export() -> Response:
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
+    @app.post("/v1/tokenize", response_model=None)
+    async def tokenize(request: Request) -> Response:
+        """The prompt's tokens, for schedulers that look its KV blocks up in their index."""
+        try:
+            body = GenerateRequest.model_validate(await request.json())
+            chat = [m.model_dump() for m in body.messages or []]
+            prompt = body.prompt or backend.chat_prompt(chat)
+        except (ValidationError, ValueError) as e:
+            return _error(400, str(e))
+        try:
+            tokens = await backend.tokenize_async(prompt)
+        except VllmError as e:
+            return _error(502, str(e), "server_error")
+        return JSONResponse({"tokens": tokens})
+
     @app.delete("/v1/generate/{request_id}")
     def cancel(request_id: str) -> Response:
         event = running.get(request_id)
@@ -234,8 +249,11 @@ def create_app(backend: Backend, model: str, kv_events: KVEvents | None = None) 
             if usage.completion_tokens > 1 and decoding > 0:
                 rate = usage.completion_tokens / decoding
                 load.tokens_per_second = round(_smooth(load.tokens_per_second, rate), 1)
-            if kv_events is not None and isinstance(backend, LlamaCppBackend):
-                kv_events.after_generation(backend.context_tokens())
+            if isinstance(backend, LlamaCppBackend):
+                held = backend.context_tokens()
+                load.kv_cache_usage = round(len(held) / backend.context, 3)
+                if kv_events is not None:
+                    kv_events.after_generation(held)
 
         if body.id:  # cancellable while it waits for the model, too
             running[body.id] = cancelled

@@ -555,6 +555,16 @@ class VllmBackend:
             )
         )
 
+    async def tokenize_async(self, text: str) -> list[int]:
+        """The prompt's tokens, from vLLM's own tokenizer (its /tokenize endpoint)."""
+        if self._client is None:
+            raise RuntimeError("vLLM is not started")
+        body = {"model": self.settings.served_model_name, "prompt": text}
+        response = await self._client.post("/tokenize", json=body)
+        if response.status_code != 200:
+            raise request_error(response.status_code, response.content)
+        return [int(t) for t in response.json()["tokens"]]
+
     def _prepare(self) -> int:
         """Writes the LMCache YAML; the descriptor of a fresh log file for vLLM's output."""
         self.workdir.mkdir(parents=True, exist_ok=True)
