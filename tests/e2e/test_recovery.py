@@ -217,3 +217,24 @@ def test_deleting_a_running_request_stops_its_worker(joined: LocalFederation, pe
     assert httpx.get(f"{worker}/healthz", timeout=5).json()["running"] == 0
     assert _finished_generations(worker, "length") == 0
     eventually(lambda: _status(joined, "deleted-mid-run") is None, DONE, "the request is gone")
+
+
+def test_a_generation_stopped_on_its_worker_cancels_the_request(
+    joined: LocalFederation, peers: Peers
+) -> None:
+    _submit(joined, "stopped-on-worker")
+    running = _generating(joined, "stopped-on-worker", tokens=20)
+    worker = peers.by_name(running["assignment"]["decodePeer"]).worker.url
+    with _objects(joined) as objects:
+        uid = objects.get_namespaced_custom_object(
+            GROUP, VERSION, "default", "inferencerequests", "stopped-on-worker"
+        )["metadata"]["uid"]
+    assert httpx.delete(f"{worker}/v1/generate/{uid}-1", timeout=5).status_code == 204
+
+    status = _finished(joined, "stopped-on-worker")
+    assert status["phase"] == "Cancelled"
+    assert status["output"]["finishReason"] == "cancelled"
+    assert status["output"]["completionTokens"] < LONG["maxTokens"]
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert complete["reason"] == "CancelledOnWorker"
+    assert "CancelledOnWorker" in _event_reasons(joined, "stopped-on-worker")

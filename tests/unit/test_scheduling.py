@@ -2,12 +2,16 @@
 
 from typing import Any
 
-from edgellm.api import InferenceRequestSpec, PeerNode
+import pytest
+
+from edgellm.api import InferenceRequestSpec, PeerNode, quantity_value
 from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import (
     Candidate,
     Decision,
+    ProfileConfig,
     Unschedulable,
+    configured_profile,
     default_profile,
     registry,
     schedule,
@@ -174,3 +178,50 @@ def test_a_session_is_forgotten_after_its_idle_ttl() -> None:
     assert sessions.peer("default/chat", now=1299.0) == "peer-a"
     assert sessions.peer("default/chat", now=1301.0) is None
     assert sessions.peer("default/other", now=1000.0) is None
+
+
+def test_a_peer_too_small_for_the_model_or_with_a_full_queue_is_filtered_out() -> None:
+    big = [{"name": "tiny-random", "sizeBytes": 40 * 2**30}]
+    peers = [
+        _candidate("small", models=big),
+        _candidate("gpu", models=big, resources=GPU_PEER["resources"]),
+        _candidate("queued"),
+    ]
+    queued = peers[2].peer.model_copy(deep=True)
+    queued.status.load.queued_requests = 16
+    peers[2] = Candidate(queued, local=True)
+    decision = schedule(REQUEST, peers, default_profile())
+    assert isinstance(decision, Decision)
+    assert decision.peer.name == "gpu"  # 64 GiB of memory and 24 GiB of GPU hold 40 GiB
+    refused = schedule(REQUEST, peers[::2], default_profile())
+    assert isinstance(refused, Unschedulable)
+    assert "cannot hold 40.0 GiB of weights in 8.0 GiB" in refused.message
+    assert "has 16 requests queued" in refused.message
+
+
+def test_a_profile_from_configuration_sets_the_weights_and_keeps_the_rest() -> None:
+    config = ProfileConfig.model_validate({"scorers": {"local": 1.0}})
+    profile = configured_profile(config)
+    assert [(w.scorer.name, w.weight) for w in profile.scorers] == [("local", 1.0)]
+    assert profile.filters == default_profile().filters
+    peers = [_candidate("idle", local=False), _candidate("busy-but-local", running=5)]
+    decision = schedule(REQUEST, peers, profile)
+    assert isinstance(decision, Decision)
+    assert decision.peer.name == "busy-but-local"
+
+
+def test_a_profile_naming_an_unknown_or_misplaced_plugin_is_refused() -> None:
+    with pytest.raises(ValueError, match="'nope' is not a scorer; known: kv-cache-room"):
+        configured_profile(ProfileConfig(scorers={"nope": 1.0}))
+    with pytest.raises(ValueError, match="'least-loaded' is not a filter"):
+        configured_profile(ProfileConfig(filters=["least-loaded"]))
+    with pytest.raises(ValueError, match="negative"):
+        configured_profile(ProfileConfig(scorers={"local": -1.0}))
+
+
+def test_quantities_read_as_numbers() -> None:
+    assert quantity_value("32Gi") == 32 * 2**30
+    assert quantity_value("500m") == 0.5
+    assert quantity_value("1.5e9") == 1.5e9
+    assert quantity_value("2M") == 2_000_000
+    assert quantity_value(8) == 8.0

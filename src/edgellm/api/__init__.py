@@ -17,6 +17,7 @@ from edgellm.api._common import (
     PeerName,
     TrustLevel,
     condition_status,
+    quantity_value,
     set_condition,
 )
 from edgellm.api.crd import KINDS, ResourceKind, crd_files, custom_resource_definition
@@ -91,5 +92,6 @@ __all__ = [
     "condition_status",
     "crd_files",
     "custom_resource_definition",
+    "quantity_value",
     "set_condition",
 ]

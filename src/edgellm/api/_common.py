@@ -38,6 +38,25 @@ def _is_quantity(value: int | str) -> int | str:
     return value
 
 
+_SUFFIXES: dict[str, float] = {
+    **{s: 1024 ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: 1000 ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+}
+
+
+def quantity_value(quantity: int | str) -> float:
+    """A quantity as a number: "32Gi" -> 34359738368.0, "500m" -> 0.5."""
+    if isinstance(quantity, int):
+        return float(quantity)
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * _SUFFIXES[suffix]
+    return float(quantity)  # plain, or with an exponent: Python reads 1.5e9 too
+
+
 Quantity = Annotated[
     int | str,
     AfterValidator(_is_quantity),

@@ -4,10 +4,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
+from pydantic import ValidationError
 
 from edgellm.cli._common import VerboseOption, configure_logging
 from edgellm.operator.app import run
 from edgellm.operator.settings import OperatorSettings
+from edgellm.scheduling import ProfileConfig, configured_profile
 
 
 def run_operator(
@@ -35,6 +38,15 @@ def run_operator(
             envvar="PYTHONHASHSEED", help="The workers' --hash-seed, for KV block hashes."
         ),
     ] = "0",
+    scheduler_profile: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="YAML: filters, scorers (name: weight) and picker, by plugin name; what it"
+            " leaves out keeps the default profile's.",
+        ),
+    ] = None,
     metrics_port: Annotated[
         int, typer.Option(help="Prometheus /metrics port; 0 turns it off.")
     ] = 9090,
@@ -43,6 +55,15 @@ def run_operator(
     """Run the operator: peer health, Nodes as peers, federation membership and mirroring,
     requests and worker pools."""
     configure_logging(verbose)
+    profile = None
+    if scheduler_profile is not None:
+        try:
+            profile = ProfileConfig.model_validate(yaml.safe_load(scheduler_profile.read_text()))
+            configured_profile(profile)  # refuses unknown plugins now, not at the first request
+        except (ValidationError, ValueError, yaml.YAMLError) as e:
+            first = str(e).splitlines()
+            typer.echo(f"edgellm: {scheduler_profile}: {' '.join(first[:3])}", err=True)
+            raise typer.Exit(1) from e
     run(
         OperatorSettings(
             cluster=cluster,
@@ -52,6 +73,7 @@ def run_operator(
             pool_interval_seconds=pool_interval,
             inline_output_limit_bytes=inline_output_limit,
             kv_hash_seed=kv_hash_seed,
+            scheduler_profile=profile,
             metrics_port=metrics_port,
         )
     )

@@ -173,6 +173,16 @@ class RequestRunner:
                 if not finished:  # deleted: the worker was told to stop
                     return
                 self._complete(status, progress, attempt, created)
+                if attempt.finish_reason == "cancelled":  # stopped on the worker, not by us
+                    await self._finish(
+                        body,
+                        status,
+                        "Cancelled",
+                        "CancelledOnWorker",
+                        f"{decision.peer.name} stopped the generation after"
+                        f" {status.output.completion_tokens if status.output else 0} tokens",
+                    )
+                    return
                 if session and spec.session:
                     ttl = spec.session.idle_ttl_seconds
                     self.sessions.served(session, decision.peer.name, ttl, time.monotonic())

@@ -37,7 +37,7 @@ from edgellm.operator.kvsubscriptions import KVSubscriptions
 from edgellm.operator.metrics import OperatorMetrics
 from edgellm.operator.requests import RequestRunner
 from edgellm.operator.settings import OperatorSettings
-from edgellm.scheduling import default_profile
+from edgellm.scheduling import configured_profile, default_profile
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,11 @@ class Runtime:
             settings.cluster,
             self.events,
             self.peers,
-            default_profile(),
+            (
+                configured_profile(settings.scheduler_profile)
+                if settings.scheduler_profile
+                else default_profile()
+            ),
             settings.progress_interval_seconds,
             settings.inline_output_limit_bytes,
             self.kv_events.index,

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from edgellm.scheduling import ProfileConfig
+
 
 class OperatorSettings(BaseModel):
     cluster: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -27,6 +29,8 @@ class OperatorSettings(BaseModel):
     """Outputs larger than this go to a ConfigMap the request owns, named in its status."""
     kv_hash_seed: str = "0"
     """Seed of the KV block hashes: the workers' --hash-seed (vLLM's PYTHONHASHSEED)."""
+    scheduler_profile: ProfileConfig | None = None
+    """The scheduling plugins and weights; None for the default profile."""
     pool_interval_seconds: float = Field(default=5.0, gt=0)
     """How often every WorkerPool is sized to its demand and its workers' state read."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)

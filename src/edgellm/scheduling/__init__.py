@@ -14,7 +14,12 @@ from edgellm.scheduling.framework import (
     WeightedScorer,
     schedule,
 )
-from edgellm.scheduling.plugins import default_profile, registry
+from edgellm.scheduling.plugins import (
+    ProfileConfig,
+    configured_profile,
+    default_profile,
+    registry,
+)
 
 __all__ = [
     "Candidate",
@@ -22,9 +27,11 @@ __all__ = [
     "Filter",
     "Picker",
     "Profile",
+    "ProfileConfig",
     "Scorer",
     "Unschedulable",
     "WeightedScorer",
+    "configured_profile",
     "default_profile",
     "registry",
     "schedule",

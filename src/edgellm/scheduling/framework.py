@@ -8,7 +8,7 @@ is recorded, because routing overhead must stay visible.
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from edgellm.api import InferenceRequestSpec, PeerNode
 
@@ -27,6 +27,7 @@ class Candidate:
         return self.peer.metadata.name
 
 
+@runtime_checkable  # so a profile written as configuration can be checked
 class Filter(Protocol):
     @property
     def name(self) -> str: ...
@@ -35,6 +36,7 @@ class Filter(Protocol):
         """Why the candidate cannot serve the request, or None when it can."""
 
 
+@runtime_checkable
 class Scorer(Protocol):
     @property
     def name(self) -> str: ...
@@ -43,6 +45,7 @@ class Scorer(Protocol):
         """How well the candidate suits the request, in [0, 1]."""
 
 
+@runtime_checkable
 class Picker(Protocol):
     @property
     def name(self) -> str: ...

@@ -6,8 +6,11 @@
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from edgellm.api import TRUST_ORDER, InferenceRequestSpec, condition_status
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgellm.api import TRUST_ORDER, InferenceRequestSpec, condition_status, quantity_value
 from edgellm.scheduling.framework import (
     Candidate,
     Filter,
@@ -47,6 +50,26 @@ class Healthy:
             return "is unreachable"
         if condition_status(conditions, "Ready") != "True":
             return "is not Ready"
+        return None
+
+
+@dataclass(frozen=True)
+class HasRoom:
+    """Capacity: the peer's memory holds the model, and its queue is not full."""
+
+    name: str = "has-room"
+    max_queued: int = 16
+
+    def reason(self, request: InferenceRequestSpec, candidate: Candidate) -> str | None:
+        spec, load = candidate.peer.spec, candidate.peer.status.load
+        if load.queued_requests >= self.max_queued:
+            return f"has {load.queued_requests} requests queued"
+        size = next((m.size_bytes for m in spec.models if m.name == request.model), None)
+        memory = quantity_value(spec.resources.memory) + sum(
+            quantity_value(a.memory) * a.count for a in spec.resources.accelerators
+        )
+        if size is not None and size > memory:
+            return f"cannot hold {size / 2**30:.1f} GiB of weights in {memory / 2**30:.1f} GiB"
         return None
 
 
@@ -161,6 +184,7 @@ def registry() -> dict[str, Callable[[], Filter | Scorer | Picker]]:
     """Every plugin by name, for profiles written as configuration."""
     plugins: list[Callable[[], Filter | Scorer | Picker]] = [
         HasModel,
+        HasRoom,
         Decodes,
         Healthy,
         Trusted,
@@ -186,7 +210,54 @@ def default_profile() -> Profile:
     ]
     picker: Picker = MaxScore()
     return Profile(
-        filters=[Healthy(), HasModel(), Decodes(), Trusted(), InClusters(), MatchesSelector()],
+        filters=[
+            Healthy(),
+            HasModel(),
+            HasRoom(),
+            Decodes(),
+            Trusted(),
+            InClusters(),
+            MatchesSelector(),
+        ],
         scorers=[WeightedScorer(scorer, weight) for scorer, weight in scorers],
         picker=picker,
     )
+
+
+class ProfileConfig(BaseModel):
+    """A profile as configuration (`edgellm operator --scheduler-profile FILE`, YAML): plugin
+    names from `registry()`; what is left out keeps the default profile's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filters: list[str] | None = None
+    scorers: dict[str, float] | None = Field(default=None)
+    """Scorer name -> weight (>= 0)."""
+    picker: str | None = None
+
+
+def configured_profile(config: ProfileConfig) -> Profile:
+    """The default profile with the configured parts; ValueError names an unknown plugin."""
+    plugins = registry()
+    default = default_profile()
+
+    def plugin(name: str, role: type[Any]) -> Any:
+        made = plugins[name]() if name in plugins else None
+        if not isinstance(made, role):
+            known = sorted(n for n, f in plugins.items() if isinstance(f(), role))
+            raise ValueError(
+                f"{name!r} is not a {role.__name__.lower()}; known: {', '.join(known)}"
+            )
+        return made
+
+    filters = default.filters
+    if config.filters is not None:
+        filters = [plugin(name, Filter) for name in config.filters]
+    scorers = default.scorers
+    if config.scorers is not None:
+        for name, weight in config.scorers.items():
+            if weight < 0:
+                raise ValueError(f"the weight of {name!r} is negative")
+        scorers = [WeightedScorer(plugin(n, Scorer), w) for n, w in config.scorers.items()]
+    picker = default.picker if config.picker is None else plugin(config.picker, Picker)
+    return Profile(filters=filters, scorers=scorers, picker=picker)
