@@ -225,3 +225,11 @@ def test_quantities_read_as_numbers() -> None:
     assert quantity_value("1.5e9") == 1.5e9
     assert quantity_value("2M") == 2_000_000
     assert quantity_value(8) == 8.0
+
+
+def test_requests_the_scheduler_has_just_sent_count_before_any_heartbeat() -> None:
+    peers = [_candidate("a"), _candidate("b")]
+    peers[0] = Candidate(peers[0].peer, local=True, in_flight=1)
+    decision = schedule(REQUEST, peers, default_profile())
+    assert isinstance(decision, Decision)
+    assert decision.peer.name == "b"

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -97,6 +98,9 @@ class RequestRunner:
         self.sessions = SessionTable()
         self.kv_index = KVIndex() if kv_index is None else kv_index  # empty is falsy
         self.kv_hash_seed = kv_hash_seed
+        self.in_flight: Counter[str] = Counter()  # generations running now, by peer
+        self._peer_models: dict[str, tuple[str, PeerNode | None]] = {}
+        self._client: httpx.AsyncClient | None = None
 
     async def run(self, body: Body, stopped: asyncio.Event) -> None:
         metadata = body["metadata"]
@@ -154,6 +158,7 @@ class RequestRunner:
                         "Timeout", f"not finished within {spec.timeout_seconds}s"
                     )
                 attempt = Attempt()
+                self.in_flight[peer] += 1
                 try:
                     finished = await self._generate(
                         body, status, decision, spec, prompt, progress, attempt, remaining, stopped
@@ -170,6 +175,8 @@ class RequestRunner:
                         f" after {progress.tokens} tokens",
                     )
                     continue
+                finally:
+                    self.in_flight[peer] -= 1
                 if not finished:  # deleted: the worker was told to stop
                     return
                 self._complete(status, progress, attempt, created)
@@ -233,12 +240,10 @@ class RequestRunner:
         self, session_peer: str | None, blocks: list[ExternalBlockHash]
     ) -> list[Candidate]:
         candidates = []
-        for body in list(self.peers.values()):
-            try:
-                peer = PeerNode.model_validate(body)
-            except ValidationError:
+        for name, body in list(self.peers.items()):
+            peer = self._validated(name, body)
+            if peer is None:
                 continue
-            name = peer.metadata.name
             cached = self.kv_index.matched_blocks(name, blocks) / len(blocks) if blocks else 0.0
             candidates.append(
                 Candidate(
@@ -246,9 +251,36 @@ class RequestRunner:
                     local=peer.spec.cluster == self.cluster,
                     session_warm=name == session_peer,
                     cached_fraction=cached,
+                    in_flight=self.in_flight[name],
                 )
             )
         return candidates
+
+    def _validated(self, name: str, body: Body) -> PeerNode | None:
+        """The peer as a model, validated once per version of it, not once per request."""
+        version = body["metadata"].get("resourceVersion", "")
+        cached = self._peer_models.get(name)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            peer: PeerNode | None = PeerNode.model_validate(body)
+        except ValidationError:
+            peer = None
+        self._peer_models[name] = (version, peer)
+        if len(self._peer_models) > 2 * len(self.peers) + 64:  # peers gone
+            for gone in set(self._peer_models) - set(self.peers):
+                del self._peer_models[gone]
+        return peer
+
+    def _http(self) -> httpx.AsyncClient:
+        """One client for every worker call: a new one costs an SSL context, ~30 ms of CPU."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
 
     async def _prompt_blocks(
         self, spec: InferenceRequestSpec, prompt: dict[str, Any]
@@ -264,8 +296,8 @@ class RequestRunner:
         ]
         for endpoint in holders[:2]:  # a second chance, no more: this is only a preference
             try:
-                async with httpx.AsyncClient(timeout=2.0) as http:
-                    response = await http.post(f"{endpoint.rstrip('/')}/v1/tokenize", json=prompt)
+                url = f"{endpoint.rstrip('/')}/v1/tokenize"
+                response = await self._http().post(url, json=prompt, timeout=2.0)
                 tokens = response.raise_for_status().json()["tokens"]
             except (httpx.HTTPError, ValueError, KeyError) as e:
                 logger.info("tokenizing on %s for the KV index: %s", endpoint, e)
@@ -353,10 +385,8 @@ class RequestRunner:
         async def stream() -> None:
             limits = httpx.Timeout(budget_seconds, connect=5.0)
             written = time.monotonic()
-            async with (
-                httpx.AsyncClient(timeout=limits) as http,
-                http.stream("POST", f"{endpoint}/v1/generate", json=payload) as response,
-            ):
+            url = f"{endpoint}/v1/generate"
+            async with self._http().stream("POST", url, json=payload, timeout=limits) as response:
                 if response.status_code >= 400:
                     error = json.loads(await response.aread())["error"]["message"]
                     raise RequestFailedError("InvalidRequest", f"{decision.peer.name}: {error}")
@@ -401,11 +431,11 @@ class RequestRunner:
         endpoint = self.peers.get(peer, {}).get("spec", {}).get("endpoint")
         if not endpoint:
             return
-        async with httpx.AsyncClient(timeout=5.0) as http:
-            try:
-                await http.delete(f"{endpoint.rstrip('/')}/v1/generate/{generation_id}")
-            except httpx.HTTPError as e:
-                logger.info("cancelling %s on %s: %s", generation_id, peer, e)
+        try:
+            url = f"{endpoint.rstrip('/')}/v1/generate/{generation_id}"
+            await self._http().delete(url, timeout=5.0)
+        except httpx.HTTPError as e:
+            logger.info("cancelling %s on %s: %s", generation_id, peer, e)
 
     def _complete(
         self,

@@ -112,6 +112,7 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.kv_events.stop()
+        await self.requests.close()
 
     # --- peers -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ class Candidate:
     local: bool  # in the scheduling cluster, not a mirror
     session_warm: bool = False  # served the request's session lately: its KV is still there
     cached_fraction: float = 0.0  # share of the prompt's KV blocks the peer holds (KV events)
+    in_flight: int = 0  # requests the caller itself has running there now
 
     @property
     def name(self) -> str:

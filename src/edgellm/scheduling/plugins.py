@@ -127,7 +127,10 @@ class LeastLoaded:
 
     def score(self, request: InferenceRequestSpec, candidate: Candidate) -> float:
         load = candidate.peer.status.load
-        return 1.0 / (1.0 + load.running_requests + load.queued_requests)
+        # Heartbeats sample the load every few seconds; what the caller itself sent since counts
+        # at once, so a burst spreads over the peers instead of piling on the first.
+        busy = max(load.running_requests + load.queued_requests, candidate.in_flight)
+        return 1.0 / (1.0 + busy)
 
 
 @dataclass(frozen=True)
