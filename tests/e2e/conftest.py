@@ -100,6 +100,15 @@ def output_text(kubeconfig: dict[str, Any], namespace: str, status: dict[str, An
     return str(found.data[ref["key"]])
 
 
+def request_events(federation: LocalFederation, name: str) -> list[Any]:
+    """The Events of an InferenceRequest in the first cluster's default namespace."""
+    with api_client(federation.clusters[0].kubeconfig("admin")) as api:
+        selector = f"involvedObject.name={name}"
+        return list(
+            client.CoreV1Api(api).list_namespaced_event("default", field_selector=selector).items
+        )
+
+
 def eventually(check: Callable[[], T | None], timeout: float, what: str) -> T:
     """Polls `check` until it returns something truthy, or fails saying what never happened."""
     deadline = time.monotonic() + timeout

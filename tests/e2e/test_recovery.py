@@ -23,6 +23,7 @@ from tests.e2e.conftest import (
     ServingPeer,
     eventually,
     output_text,
+    request_events,
     serving_peer,
 )
 
@@ -133,13 +134,7 @@ def _text(joined: LocalFederation, status: dict[str, Any]) -> str:
 
 
 def _event_reasons(joined: LocalFederation, name: str) -> list[str]:
-    with api_client(joined.clusters[0].kubeconfig("admin")) as api:
-        items = (
-            client.CoreV1Api(api)
-            .list_namespaced_event("default", field_selector=f"involvedObject.name={name}")
-            .items
-        )
-    return [e.reason for e in items]
+    return [e.reason for e in request_events(joined, name)]
 
 
 def _finished_generations(worker: str, reason: str) -> float:

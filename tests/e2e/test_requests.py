@@ -13,7 +13,7 @@ from edgellm.api import GROUP, VERSION
 from edgellm.dev.federation import LocalFederation
 from edgellm.kube import api_client
 from edgellm.worker.models import TINY, write_model
-from tests.e2e.conftest import OperatorProcess, eventually, serving_peer
+from tests.e2e.conftest import OperatorProcess, eventually, request_events, serving_peer
 
 DONE = 120.0
 EMPTY_PROMPT = {"name": "prompts", "key": "empty"}
@@ -96,13 +96,7 @@ def _finished(joined: LocalFederation, name: str) -> dict[str, Any]:
 
 
 def _events(joined: LocalFederation, name: str) -> set[str]:
-    with api_client(joined.clusters[0].kubeconfig("admin")) as api:
-        items = (
-            client.CoreV1Api(api)
-            .list_namespaced_event("default", field_selector=f"involvedObject.name={name}")
-            .items
-        )
-    return {e.reason for e in items}
+    return {e.reason for e in request_events(joined, name)}
 
 
 def test_a_request_succeeds_with_text_tokens_and_timings(
@@ -222,7 +216,8 @@ def test_a_session_keeps_its_peer_until_its_idle_ttl(
     assert _finished(joined, "turn-1")["assignment"]["decodePeer"] == other
     _submit(joined, "turn-2", session=chat)
     assert _finished(joined, "turn-2")["assignment"]["decodePeer"] == other
-    assert any("the session's warm peer" in m for m in _event_messages(joined, "turn-2"))
+    messages = [e.message for e in request_events(joined, "turn-2")]
+    assert any("the session's warm peer" in m for m in messages)
 
 
 def _away_from_the_default(
@@ -240,16 +235,6 @@ def _away_from_the_default(
 
 def _cluster(peer: str) -> str:
     return peer.split("-worker")[0]
-
-
-def _event_messages(joined: LocalFederation, name: str) -> list[str]:
-    with api_client(joined.clusters[0].kubeconfig("admin")) as api:
-        items = (
-            client.CoreV1Api(api)
-            .list_namespaced_event("default", field_selector=f"involvedObject.name={name}")
-            .items
-        )
-    return [e.message for e in items]
 
 
 def test_peers_report_their_workers_load(joined: LocalFederation, tiny_peer: str) -> None:

@@ -25,6 +25,7 @@ KubeconfigOption = Annotated[
 ]
 ContextOption = Annotated[str | None, typer.Option(help="Context of the kubeconfig to use.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")]
+KVEventsTopicOption = Annotated[str, typer.Option(help="Topic of the KV events.")]
 
 
 def configure_logging(verbose: bool) -> None:

@@ -15,6 +15,7 @@ from edgellm.api.peernode import PeerNetwork
 from edgellm.cli._common import (
     ContextOption,
     KubeconfigOption,
+    KVEventsTopicOption,
     VerboseOption,
     configure_logging,
     connect,
@@ -64,7 +65,7 @@ def join(
             " as the worker's --kv-events binds it)."
         ),
     ] = None,
-    kv_events_topic: Annotated[str, typer.Option(help="Topic of the KV events.")] = "kv-events",
+    kv_events_topic: KVEventsTopicOption = "kv-events",
     heartbeat_ttl: Annotated[
         int, typer.Option(min=5, help="Seconds without a heartbeat before the peer is not Ready.")
     ] = 30,

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import typer
 import uvicorn
 
-from edgellm.cli._common import VerboseOption, configure_logging
+from edgellm.cli._common import KVEventsTopicOption, VerboseOption, configure_logging
 from edgellm.kvcache import DEFAULT_BLOCK_SIZE
 from edgellm.worker.kvevents import KVBlockTracker, KVEvents, ZmqEventPublisher
 from edgellm.worker.llamacpp import LlamaCppBackend
@@ -37,7 +37,7 @@ def run_worker(
             " off by default."
         ),
     ] = None,
-    kv_events_topic: Annotated[str, typer.Option(help="Topic of the KV events.")] = "kv-events",
+    kv_events_topic: KVEventsTopicOption = "kv-events",
     hash_seed: Annotated[
         str,
         typer.Option(
