@@ -41,6 +41,15 @@ def test_a_failing_nvidia_smi_means_no_gpus_and_a_warning(
     assert [r.levelname for r in caplog.records] == ["WARNING"]
 
 
+def test_a_gpu_without_a_memory_figure_is_left_out_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    smi = _fake_nvidia_smi(tmp_path, "NVIDIA GH200 480GB, [N/A]\nNVIDIA RTX A2000, 6138\n")
+    assert [(g.model, g.memory) for g in hardware.gpus(smi)] == [("NVIDIA-RTX-A2000", "6138Mi")]
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "GH200" in caplog.records[0].getMessage()
+
+
 def test_memory_is_read_from_meminfo(tmp_path: Path) -> None:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       16384 kB\nMemFree:        1024 kB\n")

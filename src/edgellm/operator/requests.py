@@ -25,7 +25,6 @@ from edgellm.api import (
     ConditionStatus,
     InferenceRequestSpec,
     PeerName,
-    PeerNode,
     Phase,
     set_condition,
 )
@@ -38,6 +37,7 @@ from edgellm.api.inferencerequest import (
 from edgellm.kvcache import ExternalBlockHash, block_hashes, external_hash
 from edgellm.kvcache.index import KVIndex
 from edgellm.operator.events import EventRecorder
+from edgellm.operator.peermodels import PeerModels
 from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import SplitDecision, decide_split
@@ -87,6 +87,7 @@ class RequestRunner:
         inline_output_limit: int = 16384,
         kv_index: KVIndex | None = None,
         kv_hash_seed: str = "0",
+        peer_models: PeerModels | None = None,
     ) -> None:
         self.local = local
         self.cluster = cluster
@@ -99,7 +100,7 @@ class RequestRunner:
         self.kv_index = KVIndex() if kv_index is None else kv_index  # empty is falsy
         self.kv_hash_seed = kv_hash_seed
         self.in_flight: Counter[str] = Counter()  # generations running now, by peer
-        self._peer_models: dict[str, tuple[str, PeerNode | None]] = {}
+        self.peer_models = PeerModels() if peer_models is None else peer_models
         self._client: httpx.AsyncClient | None = None
 
     async def run(self, body: Body, stopped: asyncio.Event) -> None:
@@ -241,8 +242,8 @@ class RequestRunner:
     ) -> list[Candidate]:
         candidates = []
         for name, body in list(self.peers.items()):
-            peer = self._validated(name, body)
-            if peer is None:
+            peer = self.peer_models.get(body)
+            if isinstance(peer, ValidationError):
                 continue
             cached = self.kv_index.matched_blocks(name, blocks) / len(blocks) if blocks else 0.0
             candidates.append(
@@ -255,22 +256,6 @@ class RequestRunner:
                 )
             )
         return candidates
-
-    def _validated(self, name: str, body: Body) -> PeerNode | None:
-        """The peer as a model, validated once per version of it, not once per request."""
-        version = body["metadata"].get("resourceVersion", "")
-        cached = self._peer_models.get(name)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        try:
-            peer: PeerNode | None = PeerNode.model_validate(body)
-        except ValidationError:
-            peer = None
-        self._peer_models[name] = (version, peer)
-        if len(self._peer_models) > 2 * len(self.peers) + 64:  # peers gone
-            for gone in set(self._peer_models) - set(self.peers):
-                del self._peer_models[gone]
-        return peer
 
     def _http(self) -> httpx.AsyncClient:
         """One client for every worker call: a new one costs an SSL context, ~30 ms of CPU."""

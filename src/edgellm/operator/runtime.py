@@ -35,6 +35,7 @@ from edgellm.operator import nodepeers, peerhealth
 from edgellm.operator.events import EventRecorder
 from edgellm.operator.kvsubscriptions import KVSubscriptions
 from edgellm.operator.metrics import OperatorMetrics
+from edgellm.operator.peermodels import PeerModels
 from edgellm.operator.requests import RequestRunner
 from edgellm.operator.settings import OperatorSettings
 from edgellm.scheduling import configured_profile, default_profile
@@ -69,6 +70,7 @@ class Runtime:
         self.metrics = metrics
         self.peers: dict[str, Body] = {}
         self.events = EventRecorder(local, settings.cluster)
+        self.peer_models = PeerModels()
         self.kv_events = KVSubscriptions(KVIndex())
         self.requests = RequestRunner(
             local,
@@ -84,6 +86,7 @@ class Runtime:
             settings.inline_output_limit_bytes,
             self.kv_events.index,
             settings.kv_hash_seed,
+            self.peer_models,
         )
         self.syncers: dict[str, MemberSyncer] = {}
         # False while this cluster's own apiserver fails: our view of our peers is then stale,
@@ -120,6 +123,7 @@ class Runtime:
         name = body["metadata"]["name"]
         if event_type == "DELETED":
             self.peers.pop(name, None)
+            self.peer_models.forget(name)
             self.kv_events.update(name, None)
         else:
             self.peers[name] = body
@@ -157,10 +161,9 @@ class Runtime:
                     f"spec.cluster is {cluster!r} but this is {self.settings.cluster!r}",
                 )
             return
-        try:
-            peer = PeerNode.model_validate(body)
-        except ValidationError as e:
-            await self._set_peer_condition(body, "Ready", "False", "InvalidSpec", str(e)[:1000])
+        peer = self.peer_models.get(body)
+        if isinstance(peer, ValidationError):
+            await self._set_peer_condition(body, "Ready", "False", "InvalidSpec", str(peer)[:1000])
             return
         verdict = peerhealth.assess(peer, now, _created(body), grace)
         for transition in verdict.transitions:
@@ -180,11 +183,8 @@ class Runtime:
         self, body: Body, type_: str, status: ConditionStatus, reason: str, message: str
     ) -> None:
         """Sets one condition of a peer this operator does not assess (a mirror or a stray)."""
-        try:
-            peer = PeerNode.model_validate(body)
-            conditions = peer.status.conditions
-        except ValidationError:
-            conditions = []
+        peer = self.peer_models.get(body)
+        conditions = [] if isinstance(peer, ValidationError) else peer.status.conditions
         updated, changed = set_condition(conditions, type_, status, reason, message, _now())
         if changed:
             await self.post_event(
@@ -216,10 +216,8 @@ class Runtime:
     def _count_peers(self) -> None:
         counts: dict[tuple[str, str], int] = {}
         for body in self.peers.values():
-            try:
-                conditions = PeerNode.model_validate(body).status.conditions
-            except ValidationError:
-                conditions = []
+            peer = self.peer_models.get(body)
+            conditions = [] if isinstance(peer, ValidationError) else peer.status.conditions
             if condition_status(conditions, "Reachable") == "False":
                 state = "unreachable"
             elif condition_status(conditions, "Draining") == "True":

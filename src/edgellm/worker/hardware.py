@@ -54,9 +54,14 @@ def gpus(nvidia_smi: str = "nvidia-smi") -> list[Accelerator]:
     for line in result.stdout.splitlines():
         if not line.strip():
             continue
-        name, memory_mib = (field.strip() for field in line.rsplit(",", 1))
+        name, _, memory_mib = (field.strip() for field in line.rpartition(","))
+        try:
+            mib = int(float(memory_mib))
+        except ValueError:  # "[N/A]" (unified memory, some MIG setups): nothing to offer by
+            logger.warning("nvidia-smi reports no memory for %r: left out", name or line)
+            continue
         # GPU feature discovery's spelling, so Node-derived and joined peers match.
-        key = (name.replace(" ", "-"), int(float(memory_mib)))
+        key = (name.replace(" ", "-"), mib)
         counts[key] = counts.get(key, 0) + 1
     return [
         Accelerator(vendor="nvidia", model=model, memory=f"{mib}Mi", count=count)
