@@ -21,23 +21,12 @@ import yaml
 from kubernetes import client
 
 from edgellm.api import KINDS, custom_resource_definition
-from edgellm.dev.cluster import FakeNode, LocalCluster
+from edgellm.dev.cluster import FakeNode, LocalCluster, process_usage
 from edgellm.dev.federation import LocalFederation
 from edgellm.federation.rbac import federation_manifests
 from edgellm.kube import api_client, apply, install_crds
 
 CLUSTERS = 3
-CLOCK_TICKS = 100  # os.sysconf("SC_CLK_TCK") on Linux
-
-
-def _proc(pid: int) -> tuple[float, float]:
-    """(RSS MiB, CPU seconds) of a process."""
-    rss = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) / 1024
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return rss, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def _peer_count(cluster: LocalCluster) -> int:
@@ -149,7 +138,7 @@ def run(peers: int, node_share: float, timeout: float, workdir: Path) -> dict[st
         converged = None
         while time.monotonic() - started < timeout:
             for name, operator in zip(names, operators, strict=True):
-                peaks[name] = max(peaks[name], _proc(operator.pid)[0])
+                peaks[name] = max(peaks[name], process_usage(operator.pid)[0])
             counts = [_peer_count(c) for c in federation.clusters]
             print(
                 f"  {time.monotonic() - started:6.1f}s peers per cluster: {counts}", file=sys.stderr
@@ -158,7 +147,7 @@ def run(peers: int, node_share: float, timeout: float, workdir: Path) -> dict[st
                 converged = time.monotonic() - started
                 break
             time.sleep(2)
-        usage = {name: _proc(op.pid) for name, op in zip(names, operators, strict=True)}
+        usage = {name: process_usage(op.pid) for name, op in zip(names, operators, strict=True)}
         return {
             "peers": total,
             "kwok_node_peers": baseline + sum(node_counts),

@@ -65,7 +65,7 @@ from edgellm.api import (
     SamplingParams,
     custom_resource_definition,
 )
-from edgellm.dev.cluster import LocalCluster, free_port
+from edgellm.dev.cluster import LocalCluster, free_port, process_usage
 from edgellm.dev.federation import LocalFederation
 from edgellm.federation.rbac import (
     FEDERATION_NAMESPACE,
@@ -84,7 +84,6 @@ CLUSTERS = ("edge-1", "edge-2", "edge-3")  # the operator runs in the first
 NAMESPACE = "default"
 PHASE_LABEL = "bench.edgellm.io/phase"
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
-CLOCK_TICKS = 100  # os.sysconf("SC_CLK_TCK") on Linux
 NODE_PEERS = 3  # the KWOK nodes of a local cluster are peers too (labelled edgellm.io/peer)
 # About 100 tokens of the generated models' vocabulary; each repeat puts its number in front,
 # so no repeat reuses the KV of the one before.
@@ -409,16 +408,6 @@ class Processes:
                 process.kill()
                 process.wait()
         self.running.clear()
-
-
-def proc_usage(pid: int) -> tuple[float, float]:
-    """(RSS MiB, CPU seconds) of a process."""
-    rss = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) / 1024
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return rss, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 @dataclass
@@ -803,7 +792,7 @@ def settle(bench: Bench, timeout: float = 5.0) -> None:
     pids = [os.getpid(), *(process.pid for _, process in bench.processes.running)]
 
     def ticks() -> float:
-        return sum(proc_usage(pid)[1] for pid in pids)
+        return sum(process_usage(pid)[1] for pid in pids)
 
     deadline = time.monotonic() + timeout
     last = ticks()
@@ -868,7 +857,7 @@ class OperatorUsage:
     cpu_after: float = 0.0
 
     def sample(self) -> None:
-        rss, self.cpu_after = proc_usage(self.pid)
+        rss, self.cpu_after = process_usage(self.pid)
         self.peak_rss_mib = max(self.peak_rss_mib, rss)
 
     def figures(self, requests: int) -> dict[str, float]:
@@ -880,7 +869,7 @@ class OperatorUsage:
 
 @contextmanager
 def operator_usage(bench: Bench) -> Iterator[OperatorUsage]:
-    usage = OperatorUsage(bench.operator.pid, proc_usage(bench.operator.pid)[1])
+    usage = OperatorUsage(bench.operator.pid, process_usage(bench.operator.pid)[1])
     stop = threading.Event()
 
     def sample() -> None:
@@ -957,7 +946,7 @@ def add_peers(bench: Bench) -> dict[str, Any]:
     return {
         "peers": target,
         "created_per_cluster": dict(sorted(by_cluster.items())),
-        "operator_rss_mib_with_peers": round(proc_usage(bench.operator.pid)[0], 1),
+        "operator_rss_mib_with_peers": round(process_usage(bench.operator.pid)[0], 1),
     }
 
 

@@ -7,6 +7,7 @@ installed; three of them, as the federation tests need.
 
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,6 +99,19 @@ def output_text(kubeconfig: dict[str, Any], namespace: str, status: dict[str, An
     with api_client(kubeconfig) as api:
         found = client.CoreV1Api(api).read_namespaced_config_map(ref["name"], namespace)
     return str(found.data[ref["key"]])
+
+
+def peer_ready(kubeconfig: dict[str, Any], name: str) -> bool:
+    """Whether the cluster of `kubeconfig` has the PeerNode `name`, Ready."""
+    with api_client(kubeconfig) as api:
+        try:
+            body = client.CustomObjectsApi(api).get_cluster_custom_object(
+                "edgellm.io", "v1alpha1", "peernodes", name
+            )
+        except client.ApiException:
+            return False
+    conditions = body.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 def request_events(federation: LocalFederation, name: str) -> list[Any]:
@@ -287,7 +301,7 @@ def serving_peer(
     port = free_port()
     publish = [f"--kv-events=tcp://*:{port}"] if kv_events else []
     advertise = [f"--kv-events=tcp://127.0.0.1:{port}"] if kv_events else []
-    with worker_process(model, *publish) as worker:
+    with worker_process(model, *publish) as worker, tempfile.TemporaryFile() as log:
         join = subprocess.Popen(
             [
                 *(sys.executable, "-m", "edgellm", "join", f"--kubeconfig={kubeconfig}"),
@@ -295,24 +309,20 @@ def serving_peer(
                 f"--endpoint={worker.url}",
                 f"--models-dir={model.parent}",
                 *advertise,
+                "--verbose",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
-        def ready() -> bool:
-            with api_client(yaml.safe_load(kubeconfig.read_text())) as api:
-                try:
-                    body = client.CustomObjectsApi(api).get_cluster_custom_object(
-                        "edgellm.io", "v1alpha1", "peernodes", name
-                    )
-                except client.ApiException:
-                    return False
-            conditions = body.get("status", {}).get("conditions", [])
-            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
+        config = yaml.safe_load(kubeconfig.read_text())
         try:
-            eventually(ready, 120, f"the peer {name} is Ready")
+            try:
+                eventually(lambda: peer_ready(config, name), 120, f"the peer {name} is Ready")
+            except pytest.fail.Exception:
+                log.seek(0)
+                print(f"--- edgellm join {name} ---\n{log.read().decode(errors='replace')[-4000:]}")
+                raise
             yield ServingPeer(name, worker)
         finally:
             join.terminate()

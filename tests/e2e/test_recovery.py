@@ -23,6 +23,7 @@ from tests.e2e.conftest import (
     ServingPeer,
     eventually,
     output_text,
+    peer_ready,
     request_events,
     serving_peer,
 )
@@ -60,21 +61,11 @@ def peers(
         serving_peer(cluster_kubeconfigs["edge-2"], f"edge-2-bench-{n}", bench_model) as remote,
     ):
         eventually(
-            lambda: _ready_in_edge1(joined, remote.name), 60, "edge-1 sees the remote peer Ready"
+            lambda: peer_ready(joined.clusters[0].kubeconfig("admin"), remote.name),
+            60,
+            "edge-1 sees the remote peer Ready",
         )
         yield Peers(local, remote)
-
-
-def _ready_in_edge1(joined: LocalFederation, peer: str) -> bool:
-    with api_client(joined.clusters[0].kubeconfig("admin")) as api:
-        try:
-            body = client.CustomObjectsApi(api).get_cluster_custom_object(
-                GROUP, VERSION, "peernodes", peer
-            )
-        except client.ApiException:
-            return False
-    conditions = body.get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 @contextmanager

@@ -13,7 +13,13 @@ from edgellm.api import GROUP, VERSION
 from edgellm.dev.federation import LocalFederation
 from edgellm.kube import api_client
 from edgellm.worker.models import TINY, write_model
-from tests.e2e.conftest import OperatorProcess, eventually, request_events, serving_peer
+from tests.e2e.conftest import (
+    OperatorProcess,
+    eventually,
+    peer_ready,
+    request_events,
+    serving_peer,
+)
 
 DONE = 120.0
 EMPTY_PROMPT = {"name": "prompts", "key": "empty"}
@@ -226,7 +232,9 @@ def _away_from_the_default(
     """The peer the scheduler would not choose now for a plain request: where a test puts
     what should draw the next request (a session, a prefix) to show that it does."""
     eventually(
-        lambda: _ready(_get(joined, "peernodes", remote_tiny_peer)), DONE, "edge-1 sees edge-2's"
+        lambda: peer_ready(joined.clusters[0].kubeconfig("admin"), remote_tiny_peer),
+        DONE,
+        "edge-1 sees edge-2's peer Ready",
     )
     _submit(joined, control, sampling={"maxTokens": 2})
     default = _finished(joined, control)["assignment"]["decodePeer"]
@@ -244,11 +252,6 @@ def test_peers_report_their_workers_load(joined: LocalFederation, tiny_peer: str
 
     load = eventually(measured, DONE, "the peer's heartbeat carries its worker's tokens/s")
     assert load["prefillTokensPerSecond"] > 0
-
-
-def _ready(body: dict[str, Any] | None) -> bool:
-    conditions = (body or {}).get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 def test_a_prompt_goes_to_the_peer_that_holds_its_prefix(
