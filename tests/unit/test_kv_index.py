@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 from edgellm.kvcache import (
     MEDIUM_CPU,
+    MEDIUM_GPU,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -16,14 +17,14 @@ SEED = "0"
 PROMPT = [external_hash(h) for h in block_hashes(list(range(64)), seed=SEED)]  # 4 blocks
 
 
-def _stored(hashes: Sequence[int]) -> BlockStored:
+def _stored(hashes: Sequence[int], medium: str = MEDIUM_CPU) -> BlockStored:
     return BlockStored(
         block_hashes=hashes,
         parent_block_hash=None,
         token_ids=[0] * 16 * len(hashes),
         block_size=16,
         lora_id=None,
-        medium=MEDIUM_CPU,
+        medium=medium,
         lora_name=None,
     )
 
@@ -53,3 +54,14 @@ def test_cleared_and_forgotten_workers_hold_nothing() -> None:
     assert index.matched_blocks("a", PROMPT) == 0
     assert index.matched_blocks("b", PROMPT) == 0
     assert len(index) == 0
+
+
+def test_a_block_evicted_from_one_medium_still_matches_where_another_holds_it() -> None:
+    index = KVIndex()
+    index.apply("a", [_stored(PROMPT[:2]), _stored(PROMPT[:2], MEDIUM_GPU)])
+    index.apply("a", [BlockRemoved(block_hashes=PROMPT[:2], medium=MEDIUM_GPU)])
+    assert index.matched_blocks("a", PROMPT) == 2
+    assert index.blocks_by_medium() == {MEDIUM_CPU: 2, MEDIUM_GPU: 0}
+    index.apply("a", [BlockRemoved(block_hashes=PROMPT[:1], medium=MEDIUM_CPU)])
+    assert index.matched_blocks("a", PROMPT) == 0
+

@@ -34,6 +34,7 @@ from edgellm.api.inferencerequest import (
     Phase,
     SamplingParams,
 )
+from edgellm.api.peermodels import PeerModels
 from edgellm.api.peernode import (
     ORIGIN_CLUSTER_LABEL,
     Accelerator,
@@ -75,6 +76,7 @@ __all__ = [
     "ModelSource",
     "ObjectMeta",
     "PeerLoad",
+    "PeerModels",
     "PeerName",
     "PeerNode",
     "PeerNodeSpec",

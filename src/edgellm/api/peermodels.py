@@ -1,14 +1,15 @@
-"""The operator's peers as validated `PeerNode` models, each validated once per version.
+"""Peers as validated `PeerNode` models, each validated once per version.
 
-The health loop looks at every peer every few seconds and the scheduler at every peer for every
-request; with 1,000 peers, validating each body each time was most of the operator's CPU.
+The operator's health loop looks at every peer every few seconds, and the operator's and the
+router's schedulers at every peer for every request; with 1,000 peers, validating each body each
+time was most of the operator's CPU.
 """
 
 from typing import Any
 
 from pydantic import ValidationError
 
-from edgellm.api import PeerNode
+from edgellm.api.peernode import PeerNode
 
 
 class PeerModels:

@@ -23,6 +23,7 @@ from edgellm.kvcache.hashing import (
     block_hashes,
     external_hash,
     none_hash,
+    prompt_block_keys,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "encode_batch",
     "external_hash",
     "none_hash",
+    "prompt_block_keys",
 ]

@@ -80,3 +80,10 @@ def external_hash(block_hash: bytes | int) -> ExternalBlockHash:
     if isinstance(block_hash, int):
         return ExternalBlockHash(block_hash & _LOW_64_BITS)
     return ExternalBlockHash(int.from_bytes(block_hash, "big") & _LOW_64_BITS)
+
+
+def prompt_block_keys(
+    tokens: Sequence[int], *, seed: str, block_size: int = DEFAULT_BLOCK_SIZE
+) -> list[ExternalBlockHash]:
+    """A prompt's full blocks as KV events name them: what a KV index is asked about."""
+    return [external_hash(h) for h in block_hashes(tokens, block_size, seed=seed)]

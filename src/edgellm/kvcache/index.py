@@ -1,43 +1,57 @@
-"""Which worker holds which KV blocks, from the workers' KV events.
+"""Which worker holds which KV blocks, and where (GPU, CPU, IPFS), from the workers' KV events.
 
-The operator (and the router) feed it every batch a worker publishes and ask, for a prompt's
+The operator and the router feed it every batch a worker publishes and ask, for a prompt's
 chained block hashes, how many leading blocks each worker holds: a block's hash names its whole
-prefix, so the first miss ends the match. Pure and single-threaded: the caller owns the events.
+prefix, so the first miss ends the match. A block counts in whichever medium holds it (vLLM
+offloads from GPU to CPU; a peer may keep blocks in IPFS). Pure and single-threaded: the caller
+owns the events.
 """
 
 from collections.abc import Iterable, Sequence
 
-from edgellm.kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from edgellm.kvcache.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from edgellm.kvcache.hashing import ExternalBlockHash, external_hash
 
 
 class KVIndex:
     def __init__(self) -> None:
-        self._blocks: dict[str, set[ExternalBlockHash]] = {}
+        # worker -> medium -> blocks: a removal names its medium, and one medium's eviction
+        # leaves the block usable where another still holds it.
+        self._blocks: dict[str, dict[str, set[ExternalBlockHash]]] = {}
 
     def apply(self, worker: str, events: Iterable[KVEvent]) -> None:
-        held = self._blocks.setdefault(worker, set())
+        mediums = self._blocks.setdefault(worker, {})
         for event in events:
             if isinstance(event, BlockStored):
+                held = mediums.setdefault(event.medium or MEDIUM_GPU, set())
                 held.update(external_hash(h) for h in event.block_hashes)
             elif isinstance(event, BlockRemoved):
+                held = mediums.get(event.medium or MEDIUM_GPU, set())
                 held.difference_update(external_hash(h) for h in event.block_hashes)
             elif isinstance(event, AllBlocksCleared):
-                held.clear()
+                mediums.clear()
 
     def forget(self, worker: str) -> None:
         """A worker gone: none of its blocks can be reused."""
         self._blocks.pop(worker, None)
 
     def matched_blocks(self, worker: str, prompt: Sequence[ExternalBlockHash]) -> int:
-        """How many of the prompt's leading blocks the worker holds."""
-        held = self._blocks.get(worker, set())
+        """How many of the prompt's leading blocks the worker holds, in any medium."""
+        held = list(self._blocks.get(worker, {}).values())
         count = 0
         for block in prompt:
-            if block not in held:
+            if not any(block in blocks for blocks in held):
                 break
             count += 1
         return count
 
+    def blocks_by_medium(self) -> dict[str, int]:
+        """How many blocks the index knows, per medium, summed over workers."""
+        totals: dict[str, int] = {}
+        for mediums in self._blocks.values():
+            for medium, blocks in mediums.items():
+                totals[medium] = totals.get(medium, 0) + len(blocks)
+        return totals
+
     def __len__(self) -> int:
-        return sum(len(blocks) for blocks in self._blocks.values())
+        return sum(self.blocks_by_medium().values())

@@ -1,8 +1,9 @@
-"""The operator's KV index, fed by a ZMQ subscription to every peer that publishes KV events.
+"""A KV index fed by a ZMQ subscription to every peer that publishes KV events.
 
-The scheduler asks the index how much of a prompt each peer already holds (the
-prefix-cache-overlap scorer). A peer advertises its publisher in spec.kvEvents; the runtime
-calls `update` on every peer event, and a peer removed or changed is forgotten. Batches lost in
+The operator and the router each keep one: the scheduler asks it how much of a prompt each peer
+already holds (the prefix-cache-overlap scorer). A peer advertises its publisher in
+spec.kvEvents; the owner calls `update` whenever it sees the peer, and a peer removed or changed
+is forgotten. Batches lost in
 flight leave the index stale for a while, never wrong for long: the next batch of a worker that
 served another prompt says what it now holds.
 """

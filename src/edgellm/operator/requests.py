@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from edgellm.api import (
     ConditionStatus,
     InferenceRequestSpec,
+    PeerModels,
     PeerName,
     Phase,
     set_condition,
@@ -34,10 +35,10 @@ from edgellm.api.inferencerequest import (
     InferenceRequestStatus,
     Output,
 )
-from edgellm.kvcache import ExternalBlockHash, block_hashes, external_hash
+from edgellm.kvcache import ExternalBlockHash, prompt_block_keys
 from edgellm.kvcache.index import KVIndex
+from edgellm.kvcache.tokens import tokenize_on_worker
 from edgellm.operator.events import EventRecorder
-from edgellm.operator.peermodels import PeerModels
 from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import SplitDecision, decide_split
@@ -279,18 +280,12 @@ class RequestRunner:
             for body in list(self.peers.values())
             if any(m.get("name") == spec.model for m in body["spec"].get("models", []))
         ]
-        for endpoint in holders[:2]:  # a second chance, no more: this is only a preference
-            try:
-                url = f"{endpoint.rstrip('/')}/v1/tokenize"
-                response = await self._http().post(url, json=prompt, timeout=2.0)
-                tokens = response.raise_for_status().json()["tokens"]
-            except (httpx.HTTPError, ValueError, KeyError) as e:
-                logger.info("tokenizing on %s for the KV index: %s", endpoint, e)
-                continue
-            blocks = [external_hash(h) for h in block_hashes(tokens, seed=self.kv_hash_seed)]
-            logger.debug("%d prompt tokens, %d blocks to look up", len(tokens), len(blocks))
-            return blocks
-        return []
+        tokens = await tokenize_on_worker(self._http(), holders, prompt)
+        if tokens is None:
+            return []
+        blocks = prompt_block_keys(tokens, seed=self.kv_hash_seed)
+        logger.debug("%d prompt tokens, %d blocks to look up", len(tokens), len(blocks))
+        return blocks
 
     def _split(
         self,

@@ -22,6 +22,7 @@ from edgellm.api import (
     ORIGIN_CLUSTER_LABEL,
     ConditionStatus,
     FederationMember,
+    PeerModels,
     PeerNode,
     condition_status,
     set_condition,
@@ -31,11 +32,10 @@ from edgellm.federation.mirror import plan
 from edgellm.federation.rbac import FEDERATION_NAMESPACE
 from edgellm.kube import new_api_client
 from edgellm.kvcache.index import KVIndex
+from edgellm.kvcache.subscriptions import KVSubscriptions
 from edgellm.operator import nodepeers, peerhealth
 from edgellm.operator.events import EventRecorder
-from edgellm.operator.kvsubscriptions import KVSubscriptions
 from edgellm.operator.metrics import OperatorMetrics
-from edgellm.operator.peermodels import PeerModels
 from edgellm.operator.requests import RequestRunner
 from edgellm.operator.settings import OperatorSettings
 from edgellm.scheduling import configured_profile, default_profile
