@@ -10,11 +10,14 @@ from typing import Annotated
 
 import typer
 import urllib3
+import yaml
 from kubernetes import client, config
+from pydantic import ValidationError
 
 from edgellm.dev.errors import ComponentFailedError, DevError
 from edgellm.federation.errors import FederationError
 from edgellm.federation.membership import Endpoint, local_cluster_name
+from edgellm.scheduling import ProfileConfig, configured_profile
 
 KubeconfigOption = Annotated[
     Path | None,
@@ -26,6 +29,15 @@ KubeconfigOption = Annotated[
 ContextOption = Annotated[str | None, typer.Option(help="Context of the kubeconfig to use.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")]
 KVEventsTopicOption = Annotated[str, typer.Option(help="Topic of the KV events.")]
+SchedulerProfileOption = Annotated[
+    Path | None,
+    typer.Option(
+        exists=True,
+        dir_okay=False,
+        help="YAML: filters, scorers (name: weight) and picker, by plugin name; what it"
+        " leaves out keeps the default profile's.",
+    ),
+]
 
 
 def configure_logging(verbose: bool) -> None:
@@ -56,6 +68,18 @@ def one_line_errors() -> Iterator[None]:
     except (urllib3.exceptions.HTTPError, OSError) as e:
         typer.echo(f"edgellm: cannot reach the cluster: {e}", err=True)
         raise typer.Exit(1) from e
+
+
+def load_profile(path: Path) -> ProfileConfig:
+    """A scheduler profile file, checked now rather than at the first request."""
+    try:
+        profile = ProfileConfig.model_validate(yaml.safe_load(path.read_text()))
+        configured_profile(profile)
+    except (ValidationError, ValueError, yaml.YAMLError) as e:
+        first = str(e).splitlines()
+        typer.echo(f"edgellm: {path}: {' '.join(first[:3])}", err=True)
+        raise typer.Exit(1) from e
+    return profile
 
 
 def _message(error: client.ApiException) -> str:

@@ -4,13 +4,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
-from pydantic import ValidationError
 
-from edgellm.cli._common import VerboseOption, configure_logging
+from edgellm.cli._common import (
+    SchedulerProfileOption,
+    VerboseOption,
+    configure_logging,
+    load_profile,
+)
 from edgellm.operator.app import run
 from edgellm.operator.settings import OperatorSettings
-from edgellm.scheduling import ProfileConfig, configured_profile
 
 
 def run_operator(
@@ -38,15 +40,7 @@ def run_operator(
             envvar="PYTHONHASHSEED", help="The workers' --hash-seed, for KV block hashes."
         ),
     ] = "0",
-    scheduler_profile: Annotated[
-        Path | None,
-        typer.Option(
-            exists=True,
-            dir_okay=False,
-            help="YAML: filters, scorers (name: weight) and picker, by plugin name; what it"
-            " leaves out keeps the default profile's.",
-        ),
-    ] = None,
+    scheduler_profile: SchedulerProfileOption = None,
     metrics_port: Annotated[
         int, typer.Option(help="Prometheus /metrics port; 0 turns it off.")
     ] = 9090,
@@ -55,15 +49,7 @@ def run_operator(
     """Run the operator: peer health, Nodes as peers, federation membership and mirroring,
     requests and worker pools."""
     configure_logging(verbose)
-    profile = None
-    if scheduler_profile is not None:
-        try:
-            profile = ProfileConfig.model_validate(yaml.safe_load(scheduler_profile.read_text()))
-            configured_profile(profile)  # refuses unknown plugins now, not at the first request
-        except (ValidationError, ValueError, yaml.YAMLError) as e:
-            first = str(e).splitlines()
-            typer.echo(f"edgellm: {scheduler_profile}: {' '.join(first[:3])}", err=True)
-            raise typer.Exit(1) from e
+    profile = None if scheduler_profile is None else load_profile(scheduler_profile)
     run(
         OperatorSettings(
             cluster=cluster,

@@ -4,8 +4,9 @@
 `default_profile()` is the profile the operator uses unless configured otherwise.
 """
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -183,6 +184,18 @@ class MaxScore:
         return min(scored, key=lambda pair: (-pair[1], pair[0].name))[0]
 
 
+@dataclass(frozen=True)
+class RoundRobin:
+    """Each feasible peer in turn, whatever the scores: the baseline KV-aware routing must beat."""
+
+    name: str = "round-robin"
+    _turns: Iterator[int] = field(default_factory=itertools.count, compare=False, repr=False)
+
+    def pick(self, scored: Sequence[tuple[Candidate, float]]) -> Candidate:
+        ordered = sorted((candidate for candidate, _ in scored), key=lambda c: c.name)
+        return ordered[next(self._turns) % len(ordered)]
+
+
 def registry() -> dict[str, Callable[[], Filter | Scorer | Picker]]:
     """Every plugin by name, for profiles written as configuration."""
     plugins: list[Callable[[], Filter | Scorer | Picker]] = [
@@ -199,6 +212,7 @@ def registry() -> dict[str, Callable[[], Filter | Scorer | Picker]]:
         SessionAffinity,
         Local,
         MaxScore,
+        RoundRobin,
     ]
     return {factory().name: factory for factory in plugins}
 

@@ -1,0 +1,267 @@
+"""One request through the router: its prompt looked up, a worker chosen by the scheduling
+plugins, the tokens streamed back; and, when that worker fails, the rest asked of another.
+
+The worker is always asked to stream, whatever the client asked: a worker lost mid-generation
+leaves the text so far, and the next worker continues it (`continuation`, with the rest of the
+token budget), as the operator resumes an InferenceRequest. The client sees one answer and no
+error as long as some worker of the model is left.
+
+Errors, for the app to turn into HTTP answers:
+
+    DispatchError
+    ├── UnknownModelError     no peer of the federation holds the model (404)
+    ├── NoWorkerError         peers hold it, none can take it now, or all failed (503)
+    └── WorkerRefusedError    a worker refused the request itself, e.g. too long (its 4xx)
+"""
+
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from edgellm.api import InferenceRequestSpec
+from edgellm.kvcache import ExternalBlockHash, prompt_block_keys
+from edgellm.kvcache.index import KVIndex
+from edgellm.kvcache.tokens import tokenize_on_worker
+from edgellm.router.metrics import RouterMetrics
+from edgellm.router.peers import PeerDirectory
+from edgellm.router.policies import Policy, RoutingHistory, policy_profile, text_chunk_keys
+from edgellm.router.tokenizers import GgufTokenizer
+from edgellm.scheduling import Candidate, Decision, Profile, schedule
+
+logger = logging.getLogger(__name__)
+
+
+class DispatchError(Exception):
+    pass
+
+
+class UnknownModelError(DispatchError):
+    pass
+
+
+class NoWorkerError(DispatchError):
+    pass
+
+
+class WorkerRefusedError(DispatchError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _WorkerFailedError(Exception):
+    """The worker broke off (not the request's fault): try another."""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    spec: InferenceRequestSpec
+
+    @property
+    def prompt(self) -> dict[str, Any]:
+        """The prompt as the worker API takes it."""
+        if self.spec.messages is not None:
+            return {"messages": [m.model_dump() for m in self.spec.messages]}
+        return {"prompt": self.spec.prompt}
+
+    @property
+    def text(self) -> str:
+        """The prompt as one text, for routers that hash text rather than tokens."""
+        if self.spec.messages is not None:
+            return "".join(f"{m.role}\n{m.content}\n" for m in self.spec.messages)
+        return self.spec.prompt or ""
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    peer: str
+
+
+@dataclass
+class Finished:
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    peer: str
+    attempts: int
+    total_seconds: float
+    first_token_seconds: float | None
+
+
+@dataclass
+class _Progress:
+    """What the client already has, across attempts."""
+
+    text: str = ""
+    tokens: int = 0
+    first_token_at: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        peers: PeerDirectory,
+        index: KVIndex,
+        client: httpx.AsyncClient,
+        metrics: RouterMetrics,
+        policy: Policy = "kv-aware",
+        profile: Profile | None = None,
+        cluster: str | None = None,
+        hash_seed: str = "0",
+        block_size: int = 16,
+        tokenizers: dict[str, GgufTokenizer] | None = None,
+        max_attempts: int = 3,
+    ) -> None:
+        self.peers = peers
+        self.index = index
+        self.client = client
+        self.metrics = metrics
+        self.policy = policy
+        self.profile = policy_profile(policy, profile)
+        self.cluster = cluster
+        self.hash_seed = hash_seed
+        self.block_size = block_size
+        self.tokenizers = tokenizers or {}
+        self.max_attempts = max_attempts
+        self.history = RoutingHistory()
+
+    async def run(self, job: Job) -> AsyncGenerator[Piece | Finished, None]:
+        """The generated text piece by piece, then how it finished."""
+        if not self.peers.holders(job.spec.model):
+            raise UnknownModelError(f"no peer of the federation holds model {job.spec.model!r}")
+        started = time.perf_counter()
+        blocks, text_keys = await self._prompt_keys(job)
+        progress, excluded = _Progress(), set[str]()
+        for attempt in range(1, self.max_attempts + 1):
+            decision = self._route(job, blocks, text_keys, frozenset(excluded))
+            peer = decision.peer.name
+            if attempt == 1:
+                self.metrics.routing_seconds.observe(time.perf_counter() - started)
+            self.metrics.decisions.labels(self.policy, peer).inc()
+            self.history.record(peer, text_keys)
+            self.peers.in_flight[peer] += 1
+            try:
+                async for piece in self._generate(job, decision, attempt, progress):
+                    yield piece
+                return
+            except _WorkerFailedError as e:
+                logger.warning("%s failed request %s (attempt %d): %s", peer, job.id, attempt, e)
+                self.metrics.worker_failures.labels(peer).inc()
+                self.peers.failed(peer)
+                excluded.add(peer)
+            finally:
+                self.peers.in_flight[peer] -= 1
+        raise NoWorkerError(f"{self.max_attempts} workers failed this request in turn")
+
+    async def _prompt_keys(self, job: Job) -> tuple[list[ExternalBlockHash], list[int]]:
+        """What the policy looks the prompt up by: KV block hashes, or text chunk hashes."""
+        if self.policy == "approx-prefix":
+            return [], text_chunk_keys(job.text)
+        if self.policy != "kv-aware" or not len(self.index):
+            return [], []
+        tokenizer = self.tokenizers.get(job.spec.model)
+        if tokenizer is not None:
+            tokens: list[int] | None = tokenizer.tokens(job.prompt)
+        else:
+            endpoints = [p.spec.endpoint for p in self.peers.holders(job.spec.model)]
+            tokens = await tokenize_on_worker(self.client, endpoints, job.prompt)
+        if tokens is None:
+            return [], []
+        return prompt_block_keys(tokens, seed=self.hash_seed, block_size=self.block_size), []
+
+    def _route(
+        self,
+        job: Job,
+        blocks: list[ExternalBlockHash],
+        text_keys: list[int],
+        excluded: frozenset[str],
+    ) -> Decision:
+        candidates = []
+        for name, peer in self.peers.peers.items():
+            if blocks:
+                cached = self.index.matched_blocks(name, blocks) / len(blocks)
+            elif text_keys:
+                cached = self.history.matched(name, text_keys) / len(text_keys)
+            else:
+                cached = 0.0
+            candidates.append(
+                Candidate(
+                    peer,
+                    local=peer.spec.cluster == self.cluster,
+                    cached_fraction=cached,
+                    in_flight=self.peers.in_flight[name],
+                )
+            )
+        result = schedule(job.spec, candidates, self.profile, excluded | self.peers.failing())
+        if not isinstance(result, Decision):
+            raise NoWorkerError(
+                f"no worker can take model {job.spec.model!r} now: {result.message}"
+            )
+        return result
+
+    async def _generate(
+        self, job: Job, decision: Decision, attempt: int, progress: _Progress
+    ) -> AsyncIterator[Piece | Finished]:
+        sampling = job.spec.sampling.model_copy(
+            update={"max_tokens": job.spec.sampling.max_tokens - progress.tokens}
+        )
+        body = {
+            **job.prompt,
+            "id": f"{job.id}-{attempt}",
+            "continuation": progress.text,
+            "sampling": sampling.to_wire(),
+            "stream": True,
+        }
+        url = f"{decision.peer.peer.spec.endpoint.rstrip('/')}/v1/generate"
+        done_before = progress.tokens
+        try:
+            async with self.client.stream("POST", url, json=body) as response:
+                if response.status_code >= 500:
+                    raise _WorkerFailedError(f"answered {response.status_code}")
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise WorkerRefusedError(response.status_code, _message(response))
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line.removeprefix("data: "))
+                    if "text" in event:
+                        if progress.first_token_at is None:
+                            progress.first_token_at = time.monotonic()
+                        progress.text += event["text"]
+                        progress.tokens = done_before + event["tokens"]
+                        yield Piece(event["text"], decision.peer.name)
+                    elif "finishReason" in event:
+                        usage = event["usage"]
+                        yield Finished(
+                            finish_reason=event["finishReason"],
+                            prompt_tokens=usage["promptTokens"],
+                            completion_tokens=done_before + usage["completionTokens"],
+                            cached_tokens=usage["cachedTokens"],
+                            peer=decision.peer.name,
+                            attempts=attempt,
+                            total_seconds=time.monotonic() - progress.started,
+                            first_token_seconds=None
+                            if progress.first_token_at is None
+                            else progress.first_token_at - progress.started,
+                        )
+                        return
+        except httpx.TransportError as e:
+            raise _WorkerFailedError(str(e) or type(e).__name__) from e
+        raise _WorkerFailedError("the stream ended without finishing")
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500]

@@ -1,0 +1,78 @@
+"""The router's view of the federation: every PeerNode its cluster knows, mirrors of the other
+members' peers included, plus what only the router sees (requests in flight, peers that just
+failed).
+
+The cluster is listed every `refresh` seconds rather than watched: a list of peers is small, and
+a poll cannot miss an event. Each listing also follows the peers' KV-event publishers. A peer that
+fails a request is left out for `cooldown` seconds, before its heartbeat could say so: that is
+how a dead worker, or a member gone away, is routed around at once.
+"""
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from kubernetes import client
+
+from edgellm.api import GROUP, VERSION, PeerModels, PeerNode
+from edgellm.kvcache.subscriptions import KVSubscriptions
+
+logger = logging.getLogger(__name__)
+
+
+class PeerDirectory:
+    def __init__(
+        self, api: client.ApiClient | None, kv: KVSubscriptions, cooldown: float = 10.0
+    ) -> None:
+        self._objects = client.CustomObjectsApi(api) if api is not None else None
+        self.kv = kv
+        self.cooldown = cooldown
+        self.peers: dict[str, PeerNode] = {}
+        self.in_flight: Counter[str] = Counter()
+        self._models = PeerModels()
+        self._failed_until: dict[str, float] = {}
+
+    def set_peers(self, bodies: list[dict[str, Any]]) -> None:
+        """Replaces the known peers by these PeerNode bodies; invalid ones are skipped."""
+        peers = {}
+        for body in bodies:
+            peer = self._models.get(body)
+            if isinstance(peer, PeerNode):
+                peers[peer.metadata.name] = peer
+            self.kv.update(body["metadata"]["name"], body.get("spec"))
+        for gone in self.peers.keys() - peers.keys():
+            self._models.forget(gone)
+            self.kv.update(gone, None)
+        self.peers = peers
+
+    async def refresh(self) -> None:
+        assert self._objects is not None, "a directory without a cluster is filled by set_peers"
+        listed = await asyncio.to_thread(
+            self._objects.list_cluster_custom_object, GROUP, VERSION, "peernodes"
+        )
+        self.set_peers(listed["items"])
+
+    async def follow(self, interval: float) -> None:
+        """Refreshes forever; a cluster that does not answer keeps the last peers known."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception as e:  # any failure to list: keep serving what is known
+                logger.warning("cannot list the PeerNodes: %s", e)
+            await asyncio.sleep(interval)
+
+    def failed(self, name: str) -> None:
+        self._failed_until[name] = time.monotonic() + self.cooldown
+
+    def failing(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(name for name, until in self._failed_until.items() if until > now)
+
+    def holders(self, model: str) -> list[PeerNode]:
+        return [p for p in self.peers.values() if any(m.name == model for m in p.spec.models)]
+
+    def models(self) -> list[str]:
+        """Every model the federation's peers hold."""
+        return sorted({model.name for peer in self.peers.values() for model in peer.spec.models})
