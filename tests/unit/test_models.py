@@ -84,5 +84,12 @@ def test_unknown_fields_are_refused() -> None:
 
 def test_the_public_api_is_exactly_what_is_intended() -> None:
     public = {name for name in dir(edgellm.api) if not name.startswith("_")}
-    modules = {"crd", "federationmember", "inferencerequest", "peernode", "workerpool"}
+    modules = {
+        "crd",
+        "federationmember",
+        "inferencerequest",
+        "peermodels",
+        "peernode",
+        "workerpool",
+    }
     assert public - modules == set(edgellm.api.__all__)
