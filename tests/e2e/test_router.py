@@ -2,6 +2,7 @@
 process over real llama.cpp workers joined as peers of two federated clusters, its API keys in a
 real Secret, its KV index fed by the workers' KV events."""
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kubernetes import client
 
 from edgellm.dev.cluster import free_port
@@ -25,7 +28,7 @@ from tests.e2e.conftest import (
     serving_peer,
 )
 
-KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-0123456789"}
+KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-0123456789", "carol": "sk-carol-0123"}
 RATE_LIMIT = 100  # per minute and key: the tests stay under it with alice; bob goes over
 SHARED = "peers pool their machines to serve models none could serve alone; " * 12
 
@@ -210,6 +213,58 @@ def test_a_key_over_its_rate_limit_gets_429_with_retry_after(router: Router) -> 
     assert statuses.count(200) == RATE_LIMIT
     assert statuses[-1] == 429
     router.client().models.list()  # other keys are not limited by bob's use
+
+
+# Any JSON value, valid for some field or not: what a careless or hostile client may send.
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 100_000),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.lists(st.text(max_size=5), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2),
+)
+_MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant", "developer", "robot"])},
+        optional={"content": st.one_of(st.text(max_size=40), _ANY)},
+    ),
+    max_size=3,
+)
+_BODIES = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.one_of(st.just("tiny-random"), _ANY),
+        "messages": st.one_of(_MESSAGES, _ANY),
+        "prompt": st.one_of(st.text(max_size=60), _ANY),
+        "max_tokens": st.one_of(st.integers(1, 4), _ANY),
+        "temperature": _ANY,
+        "top_p": _ANY,
+        "stop": _ANY,
+        "n": _ANY,
+        "seed": _ANY,
+        "stream": st.booleans(),
+        "stream_options": _ANY,
+    },
+)
+
+
+@settings(max_examples=45, deadline=None)
+@given(body=_BODIES, chat=st.booleans())
+def test_fuzzed_request_bodies_never_get_a_5xx(
+    router: Router, body: dict[str, object], chat: bool
+) -> None:
+    path = "chat/completions" if chat else "completions"
+    answer = httpx.post(
+        f"{router.url}/v1/{path}",
+        content=json.dumps(body).encode(),  # NaN and Infinity too, which JSON does not allow
+        headers={"Authorization": f"Bearer {KEYS['carol']}", "Content-Type": "application/json"},
+        timeout=120,
+    )
+    assert answer.status_code < 500, answer.text
+    if answer.status_code >= 400:
+        assert set(answer.json()["error"]) >= {"message", "type"}
 
 
 def _served_by(router: Router, prompt: str) -> tuple[str, int]:

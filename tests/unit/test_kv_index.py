@@ -64,4 +64,3 @@ def test_a_block_evicted_from_one_medium_still_matches_where_another_holds_it() 
     assert index.blocks_by_medium() == {MEDIUM_CPU: 2, MEDIUM_GPU: 0}
     index.apply("a", [BlockRemoved(block_hashes=PROMPT[:1], medium=MEDIUM_CPU)])
     assert index.matched_blocks("a", PROMPT) == 0
-

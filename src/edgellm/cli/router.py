@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+import yaml
 
 from edgellm.cli._common import (
     KubeconfigOption,
@@ -66,6 +67,15 @@ def run_router(
             help="MODEL=PATH of its GGUF file: tokenize here, not on a worker (repeatable)."
         ),
     ] = [],  # noqa: B006 -- typer reads the default, never mutates it
+    peers_file: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="YAML of PeerNode objects to route to, instead of a cluster's (needs"
+            " --anonymous: keys live in the cluster).",
+        ),
+    ] = None,
     peer_refresh: Annotated[
         float, typer.Option(help="Seconds between listings of the peers.")
     ] = 2.0,
@@ -93,7 +103,12 @@ def run_router(
         peer_refresh_seconds=peer_refresh,
         failure_cooldown_seconds=failure_cooldown,
     )
-    with one_line_errors():
-        api = connect(kubeconfig, None)
-        app = create_app(settings, api)
+    if peers_file is not None:
+        if not anonymous:
+            raise typer.BadParameter("needs --anonymous", param_hint="--peers-file")
+        listed = [body for body in yaml.safe_load_all(peers_file.read_text()) if body]
+        app = create_app(settings, static_peers=listed)
+    else:
+        with one_line_errors():
+            app = create_app(settings, connect(kubeconfig, None))
     uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")

@@ -7,10 +7,23 @@ offloads from GPU to CPU; a peer may keep blocks in IPFS). Pure and single-threa
 owns the events.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
+from typing import TypeVar
 
 from edgellm.kvcache.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from edgellm.kvcache.hashing import ExternalBlockHash, external_hash
+
+K = TypeVar("K")
+
+
+def leading_matches(prompt: Sequence[K], held: Container[K]) -> int:
+    """How many of the prompt's leading keys `held` has; the first miss ends the match."""
+    count = 0
+    for key in prompt:
+        if key not in held:
+            break
+        count += 1
+    return count
 
 
 class KVIndex:

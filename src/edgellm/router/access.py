@@ -31,7 +31,7 @@ def _digest(key: str) -> bytes:
 class Access:
     def __init__(self, rate_limit: str = "600/minute", anonymous: bool = False) -> None:
         """`rate_limit` per key, in `limits`' notation ("10/second", "600/minute");
-        `anonymous` lets requests without a key through (a laptop, a test), under one limit."""
+        `anonymous` lets requests without a valid key through (a laptop), under one limit."""
         self.limit = parse(rate_limit)
         self.anonymous = anonymous
         self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
@@ -47,13 +47,13 @@ class Access:
     def check(self, authorization: str | None) -> str | Denied:
         """The caller's key name, or why it is turned away."""
         scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() == "bearer" and key:
-            name = self._names.get(_digest(key.strip()))
-            if name is None:
-                return Denied(401, "the API key is not valid", "invalid_api_key")
-        elif self.anonymous:
-            name = "anonymous"
-        else:
+        given = key.strip() if scheme.lower() == "bearer" else ""
+        name = self._names.get(_digest(given)) if given else None
+        if name is None and self.anonymous:
+            name = "anonymous"  # clients that must send some key (OpenAI's) send any
+        elif name is None and given:
+            return Denied(401, "the API key is not valid", "invalid_api_key")
+        elif name is None:
             return Denied(
                 401,
                 "no API key: send 'Authorization: Bearer <key>' with a key from the"

@@ -94,12 +94,11 @@ def _validation_error(error: ValidationError) -> JSONResponse:
 def create_app(
     settings: RouterSettings,
     api: client.ApiClient | None = None,
-    peers: PeerDirectory | None = None,
+    static_peers: list[dict[str, Any]] | None = None,
 ) -> FastAPI:
-    """With `api`, peers and keys come from that cluster; without, from `peers` (filled by the
-    caller) and `settings.anonymous` must let callers in."""
-    index = KVIndex()
-    peers = peers or PeerDirectory(api, KVSubscriptions(index), settings.failure_cooldown_seconds)
+    """With `api`, peers and keys come from that cluster; without, the peers are
+    `static_peers` (PeerNode bodies) and `settings.anonymous` must let callers in."""
+    peers = PeerDirectory(api, KVSubscriptions(KVIndex()), settings.failure_cooldown_seconds)
     metrics = RouterMetrics()
     access = Access(settings.rate_limit, settings.anonymous)
     started = int(time.time())
@@ -135,7 +134,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         tasks = []
-        if api is not None:
+        if api is None:
+            peers.set_peers(static_peers or [])  # here: following KV events needs the loop
+        else:
             await peers.refresh()
             tasks = [
                 asyncio.create_task(peers.follow(settings.peer_refresh_seconds)),

@@ -25,7 +25,7 @@ import httpx
 
 from edgellm.api import InferenceRequestSpec
 from edgellm.kvcache import ExternalBlockHash, prompt_block_keys
-from edgellm.kvcache.index import KVIndex
+from edgellm.kvcache.index import KVIndex, leading_matches
 from edgellm.kvcache.tokens import tokenize_on_worker
 from edgellm.router.metrics import RouterMetrics
 from edgellm.router.peers import PeerDirectory
@@ -133,6 +133,9 @@ class Dispatcher:
         self.tokenizers = tokenizers or {}
         self.max_attempts = max_attempts
         self.history = RoutingHistory()
+        # The blocks of the prompts each peer is computing now: it will hold them before its KV
+        # events can say so, and a request sharing them should follow rather than recompute.
+        self._pending: dict[str, list[set[ExternalBlockHash]]] = {}
 
     async def run(self, job: Job) -> AsyncGenerator[Piece | Finished, None]:
         """The generated text piece by piece, then how it finished."""
@@ -149,6 +152,8 @@ class Dispatcher:
             self.metrics.decisions.labels(self.policy, peer).inc()
             self.history.record(peer, text_keys)
             self.peers.in_flight[peer] += 1
+            pending = set(blocks)
+            self._pending.setdefault(peer, []).append(pending)
             try:
                 async for piece in self._generate(job, decision, attempt, progress):
                     yield piece
@@ -160,13 +165,14 @@ class Dispatcher:
                 excluded.add(peer)
             finally:
                 self.peers.in_flight[peer] -= 1
+                self._pending[peer].remove(pending)
         raise NoWorkerError(f"{self.max_attempts} workers failed this request in turn")
 
     async def _prompt_keys(self, job: Job) -> tuple[list[ExternalBlockHash], list[int]]:
         """What the policy looks the prompt up by: KV block hashes, or text chunk hashes."""
         if self.policy == "approx-prefix":
             return [], text_chunk_keys(job.text)
-        if self.policy != "kv-aware" or not len(self.index):
+        if self.policy != "kv-aware":
             return [], []
         tokenizer = self.tokenizers.get(job.spec.model)
         if tokenizer is not None:
@@ -188,7 +194,10 @@ class Dispatcher:
         candidates = []
         for name, peer in self.peers.peers.items():
             if blocks:
-                cached = self.index.matched_blocks(name, blocks) / len(blocks)
+                held = self.index.matched_blocks(name, blocks)
+                for pending in self._pending.get(name, ()):
+                    held = max(held, leading_matches(blocks, pending))
+                cached = held / len(blocks)
             elif text_keys:
                 cached = self.history.matched(name, text_keys) / len(text_keys)
             else:

@@ -33,15 +33,22 @@ class PeerDirectory:
         self.in_flight: Counter[str] = Counter()
         self._models = PeerModels()
         self._failed_until: dict[str, float] = {}
+        self._invalid: set[str] = set()
 
     def set_peers(self, bodies: list[dict[str, Any]]) -> None:
         """Replaces the known peers by these PeerNode bodies; invalid ones are skipped."""
-        peers = {}
+        peers, invalid = {}, set()
         for body in bodies:
+            name = body["metadata"]["name"]
             peer = self._models.get(body)
             if isinstance(peer, PeerNode):
-                peers[peer.metadata.name] = peer
-            self.kv.update(body["metadata"]["name"], body.get("spec"))
+                peers[name] = peer
+            else:
+                invalid.add(name)
+                if name not in self._invalid:  # once, not at every listing
+                    logger.warning("PeerNode %s is not valid, not routing to it: %s", name, peer)
+            self.kv.update(name, body.get("spec"))
+        self._invalid = invalid
         for gone in self.peers.keys() - peers.keys():
             self._models.forget(gone)
             self.kv.update(gone, None)

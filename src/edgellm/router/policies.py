@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal, get_args
 
+from edgellm.kvcache.index import leading_matches
 from edgellm.scheduling import Profile, default_profile
 from edgellm.scheduling.framework import WeightedScorer
 from edgellm.scheduling.plugins import LeastLoaded, MaxScore, RoundRobin
@@ -68,13 +69,7 @@ class RoutingHistory:
             routed.popitem(last=False)
 
     def matched(self, worker: str, keys: Sequence[int]) -> int:
-        routed = self._routed.get(worker, OrderedDict[int, None]())
-        count = 0
-        for key in keys:
-            if key not in routed:
-                break
-            count += 1
-        return count
+        return leading_matches(keys, self._routed.get(worker, ()))
 
     def forget(self, worker: str) -> None:
         self._routed.pop(worker, None)

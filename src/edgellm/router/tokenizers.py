@@ -18,9 +18,15 @@ class GgufTokenizer:
         self._llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
         self._template = Template(self._llama.metadata.get("tokenizer.chat_template", ""))
 
-    def tokens(self, prompt: dict[str, Any]) -> list[int]:
-        """Tokens of a worker request body's prompt (`prompt`, or `messages` as a chat)."""
-        text = prompt.get("prompt") or self._template.render(
-            messages=prompt["messages"], add_generation_prompt=True
-        )
+    def text(self, prompt: dict[str, Any]) -> str:
+        """A worker request body's prompt as the model reads it: `prompt`, or `messages`
+        through the model's chat template."""
+        if prompt.get("prompt"):
+            return str(prompt["prompt"])
+        return str(self._template.render(messages=prompt["messages"], add_generation_prompt=True))
+
+    def tokenize(self, text: str) -> list[int]:
         return list(self._llama.tokenize(text.encode(), add_bos=True, special=True))
+
+    def tokens(self, prompt: dict[str, Any]) -> list[int]:
+        return self.tokenize(self.text(prompt))

@@ -1,0 +1,147 @@
+"""The router's pure parts: who gets in, the OpenAI schemas, and the routing baselines."""
+
+import base64
+
+import pytest
+from pydantic import ValidationError
+
+from edgellm.api import InferenceRequestSpec, PeerNode
+from edgellm.router.access import Access, Denied
+from edgellm.router.policies import RoutingHistory, policy_profile, text_chunk_keys
+from edgellm.router.schemas import ChatCompletionRequest, CompletionRequest
+from edgellm.scheduling import Candidate
+
+SECRET = {"alice": base64.b64encode(b"sk-alice").decode()}
+
+
+def _peer(name: str) -> Candidate:
+    body = {
+        "metadata": {"name": name},
+        "spec": {
+            "cluster": "home",
+            "endpoint": f"http://{name}:8600",
+            "roles": ["decode"],
+            "backends": ["llamacpp"],
+            "resources": {"cpu": "4", "memory": "8Gi"},
+        },
+    }
+    return Candidate(PeerNode.model_validate(body), local=True)
+
+
+def _part(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
+
+
+def test_a_valid_key_names_its_holder_and_others_are_turned_away() -> None:
+    access = Access()
+    access.set_secret(SECRET)
+    assert access.check("Bearer sk-alice") == "alice"
+    wrong = access.check("Bearer sk-mallory")
+    missing = access.check(None)
+    assert isinstance(wrong, Denied)
+    assert wrong.status == 401
+    assert isinstance(missing, Denied)
+    assert "no API key" in missing.message
+
+
+def test_anonymous_access_lets_any_key_in_but_a_valid_one_keeps_its_name() -> None:
+    access = Access(anonymous=True)
+    access.set_secret(SECRET)
+    assert access.check("Bearer whatever") == "anonymous"
+    assert access.check("Bearer sk-alice") == "alice"
+
+
+def test_a_key_over_its_rate_gets_429_and_when_to_retry() -> None:
+    access = Access(rate_limit="2/minute")
+    access.set_secret({**SECRET, "bob": base64.b64encode(b"sk-bob").decode()})
+    assert access.check("Bearer sk-alice") == "alice"
+    assert access.check("Bearer sk-alice") == "alice"
+    refused = access.check("Bearer sk-alice")
+    assert isinstance(refused, Denied)
+    assert refused.status == 429
+    assert refused.retry_after is not None
+    assert 1 <= refused.retry_after <= 60
+    assert access.check("Bearer sk-bob") == "bob"
+
+
+def test_a_chat_becomes_the_spec_an_inference_request_would_carry() -> None:
+    asked = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}],
+                },
+            ],
+            "max_completion_tokens": 7,
+            "stop": "END",
+            "unknown_newer_field": True,
+        }
+    )
+    spec = asked.spec()
+    assert [(m.role, m.content) for m in spec.messages or []] == [
+        ("system", "be brief"),
+        ("user", "hi there"),
+    ]
+    assert spec.sampling.max_tokens == 7
+    assert spec.sampling.stop == ["END"]
+
+
+def test_completions_default_to_sixteen_tokens_as_openai_does() -> None:
+    spec = CompletionRequest.model_validate({"model": "m", "prompt": ["once"]}).spec()
+    assert spec.prompt == "once"
+    assert spec.sampling.max_tokens == 16
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ({"n": 2}, "n=1"),
+        ({"logprobs": 3}, "log probabilities"),
+        ({"echo": True}, "echo"),
+        ({"prompt": ["a", "b"]}, "one prompt"),
+        ({"temperature": 3}, "less than or equal to 2"),
+    ],
+)
+def test_what_edgellm_cannot_serve_is_refused_by_name(body: dict[str, object], why: str) -> None:
+    with pytest.raises(ValidationError, match=why):
+        CompletionRequest.model_validate({"model": "m", "prompt": "p", **body})
+
+
+def test_round_robin_takes_each_feasible_peer_in_turn() -> None:
+    profile = policy_profile("round-robin")
+    scored = [(_peer(name), 0.0) for name in ("c", "a", "b")]
+    picked = [profile.picker.pick(scored).name for _ in range(4)]
+    assert picked == ["a", "b", "c", "a"]
+    assert profile.scorers == []
+
+
+def test_least_load_scores_by_load_alone() -> None:
+    assert [w.scorer.name for w in policy_profile("least-load").scorers] == ["least-loaded"]
+
+
+def test_text_prefixes_share_their_leading_chunk_keys() -> None:
+    shared = "x" * 300
+    first, second = text_chunk_keys(shared + "a" * 200), text_chunk_keys(shared + "b" * 200)
+    assert first[:2] == second[:2]
+    assert first[2] != second[2]
+    assert text_chunk_keys("short") == []
+
+
+def test_routing_history_forgets_the_least_recently_routed_first() -> None:
+    history = RoutingHistory(capacity=4)
+    old, new = text_chunk_keys("o" * 128 * 3), text_chunk_keys("n" * 128 * 3)
+    history.record("w", old)
+    history.record("w", new)
+    assert history.matched("w", new) == 3
+    assert history.matched("w", old) == 0  # its first chunk was evicted: nothing matches
+    assert history.matched("other", new) == 0
+
+
+def test_an_inference_request_spec_is_what_the_scheduler_reads() -> None:
+    # The router's spec is the API's own: placement defaults apply as for kubectl apply.
+    spec = CompletionRequest.model_validate({"model": "m", "prompt": "p"}).spec()
+    assert isinstance(spec, InferenceRequestSpec)
+    assert spec.placement.disaggregation == "auto"
