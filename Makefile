@@ -31,12 +31,14 @@ crds: setup  ## regenerate crds/ and the chart's CRDs from the API models
 	$(BIN)/edgellm crds
 
 bench: setup tools  ## benchmarks at full size; figures in bench-results/
-	$(BIN)/python benchmarks/federation.py --peers 1000 --out bench-results/federation.json
-	$(BIN)/python benchmarks/inference_requests.py --out bench-results/requests.json
+	$(BIN)/python -m benchmarks.federation --peers 1000 --out bench-results/federation.json
+	$(BIN)/python -m benchmarks.inference_requests --out bench-results/requests.json
+	$(BIN)/python -m benchmarks.router --out bench-results/router.json
 
 bench-smoke: setup tools  ## the benchmarks at a size that takes a minute each
-	$(BIN)/python benchmarks/federation.py --peers 120 --out bench-results/federation-smoke.json
-	$(BIN)/python benchmarks/inference_requests.py --smoke --out bench-results/requests-smoke.json
+	$(BIN)/python -m benchmarks.federation --peers 120 --out bench-results/federation-smoke.json
+	$(BIN)/python -m benchmarks.inference_requests --smoke --out bench-results/requests-smoke.json
+	$(BIN)/python -m benchmarks.router --smoke --out bench-results/router-smoke.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -5,7 +5,7 @@ PeerNodes, spread evenly over the clusters, then measures how long until every c
 every peer (its own and the mirrors), and each operator's peak RSS and CPU time. Writes JSON to
 --out and prints it.
 
-    python benchmarks/federation.py --peers 1000 --out bench-results/federation.json
+    python -m benchmarks.federation --peers 1000 --out bench-results/federation.json
 """
 
 import argparse
