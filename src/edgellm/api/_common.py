@@ -5,6 +5,7 @@ identifier types that must not mix, Kubernetes quantities, object metadata and s
 conditions. The resource modules build on these; `crd.py` turns them into CRD schemas.
 """
 
+import functools
 import re
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal, NewType, Self
@@ -47,6 +48,7 @@ _SUFFIXES: dict[str, float] = {
 }
 
 
+@functools.lru_cache(maxsize=4096)  # the schedulers read every peer's memory for every request
 def quantity_value(quantity: int | str) -> float:
     """A quantity as a number: "32Gi" -> 34359738368.0, "500m" -> 0.5."""
     if isinstance(quantity, int):

@@ -239,6 +239,8 @@ class Dispatcher:
                 if response.status_code >= 400:
                     await response.aread()
                     raise WorkerRefusedError(response.status_code, _message(response))
+                finished = None
+                # Read to the end, [DONE] included: a stream left unread loses its connection.
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -250,23 +252,24 @@ class Dispatcher:
                         progress.tokens = done_before + event["tokens"]
                         yield Piece(event["text"], decision.peer.name)
                     elif "finishReason" in event:
-                        usage = event["usage"]
-                        yield Finished(
-                            finish_reason=event["finishReason"],
-                            prompt_tokens=usage["promptTokens"],
-                            completion_tokens=done_before + usage["completionTokens"],
-                            cached_tokens=usage["cachedTokens"],
-                            peer=decision.peer.name,
-                            attempts=attempt,
-                            total_seconds=time.monotonic() - progress.started,
-                            first_token_seconds=None
-                            if progress.first_token_at is None
-                            else progress.first_token_at - progress.started,
-                        )
-                        return
+                        finished = event
         except httpx.TransportError as e:
             raise _WorkerFailedError(str(e) or type(e).__name__) from e
-        raise _WorkerFailedError("the stream ended without finishing")
+        if finished is None:
+            raise _WorkerFailedError("the stream ended without finishing")
+        usage = finished["usage"]
+        yield Finished(
+            finish_reason=finished["finishReason"],
+            prompt_tokens=usage["promptTokens"],
+            completion_tokens=done_before + usage["completionTokens"],
+            cached_tokens=usage["cachedTokens"],
+            peer=decision.peer.name,
+            attempts=attempt,
+            total_seconds=time.monotonic() - progress.started,
+            first_token_seconds=None
+            if progress.first_token_at is None
+            else progress.first_token_at - progress.started,
+        )
 
 
 def _message(response: httpx.Response) -> str:

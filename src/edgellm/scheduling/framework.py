@@ -97,30 +97,32 @@ def schedule(
 ) -> Decision | Unschedulable:
     timings: dict[str, float] = {}
     reasons: dict[str, int] = {}
-    feasible = []
-    for candidate in candidates:
-        if candidate.name in excluded:
-            reasons["failed during this request"] = reasons.get("failed during this request", 0) + 1
-            continue
-        for plugin in profile.filters:
-            started = time.perf_counter()
+    feasible = [c for c in candidates if c.name not in excluded]
+    if len(feasible) < len(candidates):
+        reasons["failed during this request"] = len(candidates) - len(feasible)
+    # Plugin by plugin over every candidate, not candidate by candidate: one clock reading per
+    # plugin, where two per plugin and candidate cost more than the plugins with 1,000 peers.
+    for plugin in profile.filters:
+        started = time.perf_counter()
+        kept = []
+        for candidate in feasible:
             why = plugin.reason(request, candidate)
-            timings[plugin.name] = timings.get(plugin.name, 0.0) + time.perf_counter() - started
             if why:
                 reasons[why] = reasons.get(why, 0) + 1
-                break
-        else:
-            feasible.append(candidate)
+            else:
+                kept.append(candidate)
+        feasible = kept
+        timings[plugin.name] = timings.get(plugin.name, 0.0) + time.perf_counter() - started
     if not feasible:
         return Unschedulable(reasons)
-    scored = []
-    for candidate in feasible:
-        total = 0.0
-        for weighted in profile.scorers:
-            started = time.perf_counter()
-            total += weighted.weight * weighted.scorer.score(request, candidate)
-            name = weighted.scorer.name
-            timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
-        scored.append((candidate, total))
+    totals = [0.0] * len(feasible)
+    for weighted in profile.scorers:
+        started = time.perf_counter()
+        score, weight = weighted.scorer.score, weighted.weight
+        for index, candidate in enumerate(feasible):
+            totals[index] += weight * score(request, candidate)
+        name = weighted.scorer.name
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+    scored = list(zip(feasible, totals, strict=True))
     chosen = profile.picker.pick(scored)
     return Decision(chosen, next(score for c, score in scored if c is chosen), timings)
