@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -40,6 +41,9 @@ class Router:
 
     def client(self, key: str = KEYS["alice"]) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+
+    def health(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/healthz", timeout=5).json())
 
     def index_blocks(self) -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=5).text
@@ -298,6 +302,30 @@ def test_a_prompt_goes_to_the_worker_that_holds_its_prefix(router: Router) -> No
     peer, cached = _served_by(router, SHARED + "a question")
     assert peer == other
     assert cached >= prompt_blocks * 16
+
+
+def test_a_drained_local_peer_leaves_its_requests_to_another_members_peer(
+    router: Router, joined: LocalFederation
+) -> None:
+    local, remote = "edge-1-router-a", "edge-2-router-b"
+
+    def drain(unschedulable: bool) -> None:
+        with api_client(joined.clusters[0].kubeconfig("admin")) as api:
+            client.CustomObjectsApi(api).patch_cluster_custom_object(
+                "edgellm.io",
+                "v1alpha1",
+                "peernodes",
+                local,
+                {"spec": {"unschedulable": unschedulable}},
+            )
+
+    drain(True)
+    try:
+        eventually(lambda: _served_by(router, "drained")[0] == remote, 30, f"{remote} serves")
+        assert {_served_by(router, f"drained {n}")[0] for n in range(3)} == {remote}
+    finally:
+        drain(False)
+    eventually(lambda: not router.health()["draining"], 30, f"the router takes {local} back")
 
 
 def test_a_worker_killed_mid_stream_loses_no_request(router: Router) -> None:

@@ -1,31 +1,46 @@
 """The router's pure parts: who gets in, the OpenAI schemas, and the routing baselines."""
 
+import asyncio
 import base64
+from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
 from edgellm.api import InferenceRequestSpec, PeerNode
+from edgellm.kvcache.index import KVIndex
+from edgellm.kvcache.subscriptions import KVSubscriptions
 from edgellm.router.access import Access, Denied
+from edgellm.router.dispatch import Dispatcher, Job
+from edgellm.router.metrics import RouterMetrics
+from edgellm.router.peers import PeerDirectory
 from edgellm.router.policies import RoutingHistory, policy_profile, text_chunk_keys
 from edgellm.router.schemas import ChatCompletionRequest, CompletionRequest
 from edgellm.scheduling import Candidate
 
+NOW = "2026-01-01T00:00:00Z"
 SECRET = {"alice": base64.b64encode(b"sk-alice").decode()}
 
 
-def _peer(name: str) -> Candidate:
-    body = {
-        "metadata": {"name": name},
+def _body(name: str, cluster: str = "home", ready: str = "True") -> dict[str, Any]:
+    condition = {"type": "Ready", "status": ready, "reason": "R", "lastTransitionTime": NOW}
+    return {
+        "metadata": {"name": name, "resourceVersion": "1"},
         "spec": {
-            "cluster": "home",
+            "cluster": cluster,
             "endpoint": f"http://{name}:8600",
             "roles": ["decode"],
             "backends": ["llamacpp"],
             "resources": {"cpu": "4", "memory": "8Gi"},
+            "models": [{"name": "m", "format": "gguf"}],
         },
+        "status": {"conditions": [condition]},
     }
-    return Candidate(PeerNode.model_validate(body), local=True)
+
+
+def _peer(name: str) -> Candidate:
+    return Candidate(PeerNode.model_validate(_body(name)), local=True)
 
 
 def _part(text: str) -> dict[str, str]:
@@ -145,3 +160,18 @@ def test_an_inference_request_spec_is_what_the_scheduler_reads() -> None:
     spec = CompletionRequest.model_validate({"model": "m", "prompt": "p"}).spec()
     assert isinstance(spec, InferenceRequestSpec)
     assert spec.placement.disaggregation == "auto"
+
+
+def test_the_own_clusters_peer_wins_when_scores_are_otherwise_equal() -> None:
+    peers = PeerDirectory(None, KVSubscriptions(KVIndex()))
+    # "a-away" comes first by name, which breaks exact ties: only locality can put "z-home" first.
+    down = _body("b-down", ready="False")
+    peers.set_peers([_body("a-away", "away"), _body("z-home", "home"), down])
+    dispatcher = Dispatcher(
+        peers, peers.kv.index, httpx.AsyncClient(), RouterMetrics(), cluster="home"
+    )
+    spec = CompletionRequest.model_validate({"model": "m", "prompt": "p"}).spec()
+    assert dispatcher._route(Job("j", spec), [], [], frozenset()).peer.name == "z-home"
+    peers.failed("z-home")  # a worker that just failed is routed around at once
+    assert dispatcher._route(Job("j", spec), [], [], frozenset()).peer.name == "a-away"
+    asyncio.run(peers.kv.stop())

@@ -165,7 +165,13 @@ def create_app(
 
     @app.get("/healthz")
     def health() -> dict[str, Any]:
-        return {"peers": len(peers.peers), "models": peers.models(), "policy": settings.policy}
+        return {
+            "peers": len(peers.peers),
+            "draining": sorted(n for n, p in peers.peers.items() if p.spec.unschedulable),
+            "failing": sorted(peers.failing()),
+            "models": peers.models(),
+            "policy": settings.policy,
+        }
 
     @app.get("/metrics")
     def export() -> Response:
