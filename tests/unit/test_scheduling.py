@@ -148,13 +148,16 @@ GPU_PEER: dict[str, Any] = {
 }
 
 
+FAST_LINK: dict[str, Any] = {"network": {"uplinkMbps": 10000, "downlinkMbps": 10000}}
+
+
 def test_prefill_is_split_only_when_moving_kv_beats_recomputing_it() -> None:
-    fast_link: dict[str, Any] = {"network": {"uplinkMbps": 10000, "downlinkMbps": 10000}}
     home_link: dict[str, Any] = {"network": {"uplinkMbps": 20, "downlinkMbps": 100}}
-    fast = _candidate("fast", prefill_rate=20000, **GPU_PEER, **fast_link).peer
-    slow = _candidate("slow", prefill_rate=500, **GPU_PEER, **fast_link).peer
+    fast = _candidate("fast", prefill_rate=20000, **GPU_PEER, **FAST_LINK).peer
+    slow = _candidate("slow", prefill_rate=500, **GPU_PEER, **FAST_LINK).peer
     split = decide_split("auto", fast, slow, "m", prompt_tokens=4000)
     assert split.split, split.reason  # 0.2 s + 0.4 s transfer against 8 s
+    assert split.backend == "vllm", "LMCache moves the KV of peers that run both"
     far = _candidate("far", prefill_rate=20000, **GPU_PEER, **home_link).peer
     kept = decide_split("auto", far, slow, "m", prompt_tokens=4000)
     assert not kept.split  # 524 MB over 20 Mbit/s: minutes against 8 s
@@ -162,10 +165,29 @@ def test_prefill_is_split_only_when_moving_kv_beats_recomputing_it() -> None:
     assert kept.transfer_seconds > 100
 
 
-def test_prefill_is_not_split_without_vllm_figures_or_when_told_never() -> None:
-    cpu = _candidate("cpu", prefill_rate=20000).peer
+def test_two_llamacpp_peers_split_by_handing_over_the_kv_state() -> None:
+    cpu: dict[str, Any] = {"models": [{"name": "m", "kvBytesPerToken": 32768}], **FAST_LINK}
+    fast = _candidate("fast", prefill_rate=2000, **cpu).peer
+    slow = _candidate("slow", prefill_rate=100, **cpu).peer
+    split = decide_split("auto", fast, slow, "m", prompt_tokens=4000)
+    assert split.split, split.reason  # 2 s + 0.1 s transfer against 40 s
+    assert split.backend == "llamacpp"
+    assert not decide_split("auto", slow, fast, "m", prompt_tokens=4000).split
+
+
+def test_a_vllm_peer_and_a_llamacpp_peer_do_not_split() -> None:
+    vllm_only = {**GPU_PEER, "backends": ["vllm"]}
+    gpu = _candidate("gpu", prefill_rate=20000, **vllm_only, **FAST_LINK).peer
+    cpu = _candidate("cpu", prefill_rate=100, **FAST_LINK).peer
+    for prefill, decode in ((gpu, cpu), (cpu, gpu)):
+        for mode in ("auto", "always"):
+            kept = decide_split(mode, prefill, decode, "m", 4000)
+            assert not kept.split
+            assert "the same backend on both" in kept.reason
+
+
+def test_prefill_is_not_split_without_figures_or_when_told_never() -> None:
     gpu = _candidate("gpu", prefill_rate=500, **GPU_PEER).peer
-    assert "vLLM backend" in decide_split("auto", cpu, gpu, "m", 4000).reason
     assert not decide_split("never", gpu, gpu, "m", 4000).split
     unmeasured = _candidate("new", **GPU_PEER).peer
     assert not decide_split("auto", unmeasured, gpu, "m", 4000).split

@@ -1,19 +1,29 @@
 """The worker's HTTP API, which the operator and the router call: generate (whole or streamed
-as server-sent events), cancel, health and metrics.
+as server-sent events), prefill and hand over KV state, cancel, health and metrics.
 
 `create_app(backend, model)` builds the app with its state on it (no globals); `edgellm worker`
 serves it with uvicorn. Requests reuse the API's `SamplingParams` and `ChatMessage`, so a
 worker accepts exactly what an InferenceRequest may say.
+
+Prefill/decode disaggregation between llama.cpp workers: the router sends the prompt to the
+prefill worker's `/v1/prefill`, which computes its KV and keeps the state under the request's
+id; then it asks the decode worker to generate with `kvFrom` set to the prefill worker's
+`/v1/kv/{id}`. The decode worker fetches that state once it has the model's turn, loads it
+and generates. A state it cannot have or load is only a lost shortcut: it computes the prompt.
+(vLLM workers move KV with LMCache instead, and answer both with a 501.)
 """
 
 import asyncio
 import json
+import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
-from typing import Any
+from typing import Any, Final, TypeVar
 
+import httpx
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import (
@@ -29,8 +39,21 @@ from starlette.background import BackgroundTask
 from edgellm.api import ChatMessage, PeerLoad, SamplingParams
 from edgellm.api._common import Model
 from edgellm.worker.kvevents import KVEvents
-from edgellm.worker.llamacpp import LlamaCppBackend, Piece, PromptTooLongError, Sampling, Usage
+from edgellm.worker.llamacpp import (
+    KVStateError,
+    LlamaCppBackend,
+    Piece,
+    PromptTooLongError,
+    Sampling,
+    Usage,
+)
 from edgellm.worker.vllm import VllmBackend, VllmError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+KV_FETCH_TIMEOUT: Final = httpx.Timeout(5.0, connect=2.0)
+"""Per connect and per read: a prefill peer gone must not hold the model's turn for long."""
 
 
 class GenerateRequest(Model):
@@ -44,6 +67,61 @@ class GenerateRequest(Model):
     """Text already generated for this prompt by a lost peer: generation goes on after it."""
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     stream: bool = False
+    kv_from: str | None = Field(default=None, pattern=r"^https?://", max_length=2048)
+    """The `/v1/kv/{id}` URL of the worker that prefilled this prompt: its KV is loaded rather
+    than computed (llama.cpp workers of the same model only)."""
+
+
+class KVStore:
+    """Prefilled KV states waiting for their decode worker, by request id.
+
+    Bounded by count and bytes, the oldest dropped first, and by age: a state that nobody
+    fetched (its decode peer died, or the router changed its mind) must not hold memory.
+    """
+
+    def __init__(
+        self,
+        max_states: int = 16,
+        max_bytes: int = 1 << 30,
+        ttl: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_states = max_states
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self._clock = clock
+        self._states: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, key: str, state: bytes) -> bool:
+        """Keeps `state` under `key`, replacing what was there; False if it alone is too big."""
+        if len(state) > self.max_bytes:
+            return False
+        self.take(key)
+        self._states[key] = (self._clock(), state)
+        self._bytes += len(state)
+        self._expire()
+        while len(self._states) > self.max_states or self._bytes > self.max_bytes:
+            self._drop(next(iter(self._states)))
+        return True
+
+    def take(self, key: str) -> bytes | None:
+        """The state under `key`, removed: each is fetched once."""
+        self._expire()
+        return self._drop(key) if key in self._states else None
+
+    def _expire(self) -> None:
+        oldest = self._clock() - self.ttl
+        while self._states and next(iter(self._states.values()))[0] < oldest:
+            self._drop(next(iter(self._states)))
+
+    def _drop(self, key: str) -> bytes:
+        _, state = self._states.pop(key)
+        self._bytes -= len(state)
+        return state
+
+    def __len__(self) -> int:
+        return len(self._states)
 
 
 def _smooth(average: float, sample: float) -> float:
@@ -54,6 +132,47 @@ def _smooth(average: float, sample: float) -> float:
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     """Errors in OpenAI's shape, which every client of this field already parses."""
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+async def _read(request: Request, backend: "Backend") -> tuple[GenerateRequest, str] | Response:
+    """A generate or prefill request and its prompt text, or the 400 that refuses it."""
+    try:
+        body = GenerateRequest.model_validate(await request.json())
+    except (ValidationError, ValueError) as e:
+        return _error(400, str(e))
+    if (body.prompt is None) == (body.messages is None):
+        return _error(400, "exactly one of prompt or messages must be set")
+    try:
+        return body, body.prompt or backend.chat_prompt(
+            [m.model_dump() for m in body.messages or []]
+        )
+    except ValueError as e:
+        return _error(400, str(e))
+
+
+async def _in_turn(turn: asyncio.Lock, work: Callable[[], T]) -> T:
+    """Runs `work` in a thread while holding the model's turn. A caller cancelled meanwhile
+    (its client gone) leaves the turn held until the thread has left the model."""
+    await turn.acquire()
+    step = asyncio.ensure_future(asyncio.to_thread(work))
+    step.add_done_callback(lambda _: turn.release())
+    return await asyncio.shield(step)
+
+
+async def _download(url: str, limit: int) -> bytes:
+    """The body of a GET, refused past `limit` bytes without reading the rest."""
+    async with (
+        httpx.AsyncClient(timeout=KV_FETCH_TIMEOUT) as http,
+        http.stream("GET", url) as response,
+    ):
+        response.raise_for_status()
+        chunks, size = [], 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise KVStateError(f"the KV state at {url} is over {limit} bytes")
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Generation:
@@ -156,8 +275,14 @@ async def _serving(backend: Backend) -> AsyncIterator[None]:
             await backend.stop()
 
 
-def create_app(backend: Backend, model: str, kv_events: KVEvents | None = None) -> FastAPI:
+def create_app(
+    backend: Backend,
+    model: str,
+    kv_events: KVEvents | None = None,
+    kv_store: KVStore | None = None,
+) -> FastAPI:
     app = FastAPI(title="EdgeLLM worker", lifespan=lambda _: _serving(backend))
+    store = KVStore() if kv_store is None else kv_store
     running: dict[str, threading.Event] = {}
     turn = asyncio.Lock()  # one generation at a time: llama.cpp's context is single
     metrics = CollectorRegistry()
@@ -173,10 +298,71 @@ def create_app(backend: Backend, model: str, kv_events: KVEvents | None = None) 
         "From request to first token.",
         registry=metrics,
     )
+    kv_transfers = Counter(
+        "edgellm_worker_kv_transfers",
+        "KV states fetched from prefill peers, by whether they were loaded or the prompt"
+        " computed instead.",
+        ["outcome"],
+        registry=metrics,
+    )
+    for outcome in ("loaded", "failed"):
+        kv_transfers.labels(outcome)
+    kv_transfer_bytes = Counter(
+        "edgellm_worker_kv_transfer_bytes",
+        "Bytes of KV state fetched from prefill peers.",
+        registry=metrics,
+    )
     if kv_events is not None:
         kv_events.publisher.publish([kv_events.tracker.clear()])
 
     load = PeerLoad()  # what the peer's heartbeat reports to the federation
+
+    def learn_prefill_rate(computed: int, seconds: float) -> None:
+        if computed > 0:  # a prompt cached or loaded says nothing of the prefill speed
+            rate = computed / seconds
+            load.prefill_tokens_per_second = round(_smooth(load.prefill_tokens_per_second, rate), 1)
+
+    def context_changed(llama: LlamaCppBackend) -> None:
+        """Reports what the context now holds; called while the turn is held."""
+        held = llama.context_tokens()
+        load.kv_cache_usage = round(len(held) / llama.context, 3)
+        if kv_events is not None:
+            kv_events.after_generation(held)
+
+    async def fetch_state(url: str) -> tuple[bytes, float] | None:
+        """A prefill peer's KV state and the seconds it took, or None (logged and counted)."""
+        started = time.monotonic()
+        try:
+            state = await _download(url, store.max_bytes)
+        except (httpx.HTTPError, KVStateError) as e:
+            logger.warning("computing the prompt: no KV state from %s: %s", url, e)
+            kv_transfers.labels("failed").inc()
+            return None
+        kv_transfer_bytes.inc(len(state))
+        return state, time.monotonic() - started
+
+    def loading(
+        llama: LlamaCppBackend,
+        fetched: tuple[bytes, float],
+        text: str,
+        transfer: dict[str, Any],
+        pieces: Iterator[Piece],
+    ) -> Iterator[Piece]:
+        """Loads a fetched state into the context, then generates: in the generation's
+        thread, as loading touches the model. A state refused is logged, and the prompt
+        computed; `transfer` says what was loaded."""
+        state, fetch_seconds = fetched
+        started = time.monotonic()
+        try:
+            loaded = llama.import_kv_state(state, llama.tokenize(text))
+        except KVStateError as e:
+            logger.warning("computing the prompt: its KV state was refused: %s", e)
+            kv_transfers.labels("failed").inc()
+        else:
+            kv_transfers.labels("loaded").inc()
+            seconds = fetch_seconds + time.monotonic() - started
+            transfer.update(bytes=len(state), seconds=round(seconds, 4), tokens=loaded)
+        yield from pieces
 
     @app.get("/healthz")
     def health() -> dict[str, Any]:
@@ -216,23 +402,64 @@ def create_app(backend: Backend, model: str, kv_events: KVEvents | None = None) 
         event.set()
         return Response(status_code=204)
 
+    @app.post("/v1/prefill", response_model=None)
+    async def prefill(request: Request) -> Response:
+        """Computes a prompt's KV and keeps its state for the decode worker's `kvFrom`."""
+        if isinstance(backend, VllmBackend):
+            return _error(501, "the vLLM backend moves KV with LMCache, not /v1/prefill")
+        read = await _read(request, backend)
+        if isinstance(read, Response):
+            return read
+        body, prompt = read
+        if not body.id:
+            return _error(400, "a prefill needs an id: its KV state is fetched by it")
+        llama = backend
+        usage = Usage()
+
+        def work() -> tuple[float, bytes]:
+            seconds = llama.prefill(prompt, body.sampling.max_tokens, usage, body.continuation)
+            context_changed(llama)
+            return seconds, llama.export_kv_state()
+
+        try:
+            seconds, state = await _in_turn(turn, work)
+        except PromptTooLongError as e:
+            return _error(400, str(e))
+        learn_prefill_rate(usage.prompt_tokens - usage.cached_tokens, seconds)
+        if not store.put(body.id, state):
+            message = f"the KV state has {len(state)} bytes, over the {store.max_bytes} kept"
+            return _error(507, message, "server_error")
+        return JSONResponse(
+            {
+                "id": body.id,
+                "promptTokens": usage.prompt_tokens,
+                "cachedTokens": usage.cached_tokens,
+                "prefillSeconds": round(seconds, 4),
+                "stateBytes": len(state),
+            }
+        )
+
+    @app.get("/v1/kv/{request_id}")
+    async def kv_state(request_id: str) -> Response:
+        """A prefilled KV state, once: fetching removes it. Async, as the store is the event
+        loop's alone."""
+        state = store.take(request_id)
+        if state is None:
+            return _error(404, f"no KV state {request_id!r} is kept", "not_found_error")
+        return Response(state, media_type="application/octet-stream")
+
     @app.post("/v1/generate", response_model=None)
     async def generate(request: Request) -> Response:
-        try:
-            body = GenerateRequest.model_validate(await request.json())
-        except (ValidationError, ValueError) as e:
-            return _error(400, str(e))
-        if (body.prompt is None) == (body.messages is None):
-            return _error(400, "exactly one of prompt or messages must be set")
-        try:
-            prompt = body.prompt or backend.chat_prompt(
-                [m.model_dump() for m in body.messages or []]
-            )
-        except ValueError as e:
-            return _error(400, str(e))
+        read = await _read(request, backend)
+        if isinstance(read, Response):
+            return read
+        body, prompt = read
+        if body.kv_from and isinstance(backend, VllmBackend):
+            return _error(501, "the vLLM backend moves KV with LMCache, not kvFrom")
         sampling = Sampling(**{**body.sampling.model_dump(), "stop": tuple(body.sampling.stop)})
         cancelled = threading.Event()
         usage = Usage()
+        transfer: dict[str, Any] = {}  # what kvFrom loaded: bytes, seconds, tokens
 
         def finish(reason: str) -> None:
             running.pop(body.id, None)
@@ -241,19 +468,13 @@ def create_app(backend: Backend, model: str, kv_events: KVEvents | None = None) 
             if usage.first_token_seconds:
                 ttft.observe(usage.first_token_seconds)
                 computed = usage.prompt_tokens - usage.cached_tokens
-                rate = computed / usage.first_token_seconds
-                load.prefill_tokens_per_second = round(
-                    _smooth(load.prefill_tokens_per_second, rate), 1
-                )
+                learn_prefill_rate(computed, usage.first_token_seconds)
             decoding = time.monotonic() - started - (usage.first_token_seconds or 0.0)
             if usage.completion_tokens > 1 and decoding > 0:
                 rate = usage.completion_tokens / decoding
                 load.tokens_per_second = round(_smooth(load.tokens_per_second, rate), 1)
             if isinstance(backend, LlamaCppBackend):
-                held = backend.context_tokens()
-                load.kv_cache_usage = round(len(held) / backend.context, 3)
-                if kv_events is not None:
-                    kv_events.after_generation(held)
+                context_changed(backend)
 
         if body.id:  # cancellable while it waits for the model, too
             running[body.id] = cancelled
@@ -270,8 +491,21 @@ def create_app(backend: Backend, model: str, kv_events: KVEvents | None = None) 
             except BaseException:  # the client left while it waited
                 running.pop(body.id, None)
                 raise
+            try:
+                # Fetched once the model is ours, so waiting requests hold no states: the
+                # prefill peer keeps it meanwhile.
+                fetched = await fetch_state(body.kv_from) if body.kv_from else None
+            except BaseException:  # the client left while it was fetched
+                running.pop(body.id, None)
+                turn.release()
+                raise
             started = time.monotonic()
-            tokens_out = backend.generate(prompt, sampling, usage, cancelled, body.continuation)
+            tokens_out: Iterator[Piece] = backend.generate(
+                prompt, sampling, usage, cancelled, body.continuation
+            )
+            if fetched is not None:
+                whole = prompt + body.continuation
+                tokens_out = loading(backend, fetched, whole, transfer, tokens_out)
             generation = Generation(tokens_out, cancelled, turn, finish)
         try:
             first = await generation.next()
@@ -302,6 +536,7 @@ def create_app(backend: Backend, model: str, kv_events: KVEvents | None = None) 
                     "completionTokens": usage.completion_tokens,
                     "cachedTokens": usage.cached_tokens,
                     "firstTokenSeconds": usage.first_token_seconds,
+                    "kvTransfer": transfer or None,
                 },
             }
 
