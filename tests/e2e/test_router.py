@@ -304,6 +304,35 @@ def test_a_prompt_goes_to_the_worker_that_holds_its_prefix(router: Router) -> No
     assert cached >= prompt_blocks * 16
 
 
+def test_a_split_request_prefills_on_one_worker_and_decodes_on_another(router: Router) -> None:
+    def complete(disaggregation: str) -> Any:
+        return router.client().completions.with_raw_response.create(
+            model="tiny-random",
+            prompt=SHARED + "split",
+            max_tokens=8,
+            temperature=0,
+            extra_body={"ignore_eos": True, "disaggregation": disaggregation},
+        )
+
+    together, split = complete("never"), complete("always")
+    assert "x-edgellm-prefill-peer" not in together.headers
+    assert split.headers["x-edgellm-prefill-peer"] != split.headers["x-edgellm-peer"]
+    answer = split.parse()
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens_details is not None
+    # The decode worker computed none of the prompt: it loaded its KV from the prefill worker.
+    assert answer.usage.prompt_tokens_details.cached_tokens == answer.usage.prompt_tokens
+    assert answer.choices[0].text == together.parse().choices[0].text
+    metrics = httpx.get(f"{router.url}/metrics").text
+    assert 'edgellm_router_disaggregation_decisions_total{split="true"}' in metrics
+    transfers = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("edgellm_router_kv_transfer_dur") and "_count " in line
+    )
+    assert float(transfers.split()[-1]) >= 1
+
+
 def test_a_drained_local_peer_leaves_its_requests_to_another_members_peer(
     router: Router, joined: LocalFederation
 ) -> None:

@@ -227,6 +227,8 @@ def create_app(
             metrics.requests.labels(endpoint, model, str(refusal.status_code)).inc()
             return refusal
         peer = {"x-edgellm-peer": first.peer}
+        if first.prefill_peer:
+            peer["x-edgellm-prefill-peer"] = first.prefill_peer
         if not asked.stream:
             text, finished = [], None
             async with contextlib.aclosing(pieces):

@@ -32,6 +32,7 @@ from edgellm.router.peers import PeerDirectory
 from edgellm.router.policies import Policy, RoutingHistory, policy_profile, text_chunk_keys
 from edgellm.router.tokenizers import GgufTokenizer
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
+from edgellm.scheduling.disaggregation import decide_split
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Job:
 class Piece:
     text: str
     peer: str
+    prefill_peer: str | None = None
 
 
 @dataclass
@@ -94,6 +96,13 @@ class Finished:
     attempts: int
     total_seconds: float
     first_token_seconds: float | None
+    prefill_peer: str | None = None
+
+
+@dataclass(frozen=True)
+class _Prefilled:
+    peer: str
+    kv_from: str | None  # where the decode worker fetches the KV (llama.cpp); None: LMCache's
 
 
 @dataclass
@@ -155,7 +164,11 @@ class Dispatcher:
             pending = set(blocks)
             self._pending.setdefault(peer, []).append(pending)
             try:
-                async for piece in self._generate(job, decision, attempt, progress):
+                # A split is for the first attempt only: a retry computes what it needs itself.
+                prefill = (
+                    await self._prefill(job, decision, blocks, excluded) if attempt == 1 else None
+                )
+                async for piece in self._generate(job, decision, attempt, progress, prefill):
                     yield piece
                 return
             except _WorkerFailedError as e:
@@ -217,8 +230,66 @@ class Dispatcher:
             )
         return result
 
+    async def _prefill(
+        self,
+        job: Job,
+        decode: Decision,
+        blocks: list[ExternalBlockHash],
+        excluded: set[str],
+    ) -> _Prefilled | None:
+        """Computes the prompt on a second peer when that beats computing it on `decode`
+        (`decide_split`); None when the request stays on one peer, or the prefill failed."""
+        mode = job.spec.placement.disaggregation
+        if mode == "never":
+            return None
+        others = self._route_or_none(job, blocks, frozenset({*excluded, decode.peer.name}))
+        if others is None:
+            return None
+        # What `decode` would compute itself: the prompt less what it holds already.
+        held = self.index.matched_blocks(decode.peer.name, blocks) * self.block_size
+        tokens = len(blocks) * self.block_size if blocks else len(job.text) // 4
+        split = decide_split(
+            mode, others.peer.peer, decode.peer.peer, job.spec.model, tokens - held
+        )
+        self.metrics.disaggregation.labels(str(split.split).lower()).inc()
+        logger.info("request %s: split %s: %s", job.id, split.split, split.reason)
+        if not split.split:
+            return None
+        peer = others.peer
+        endpoint = peer.peer.spec.endpoint.rstrip("/")
+        prefill_id = f"{job.id}-prefill"
+        body = {**job.prompt, "id": prefill_id, "sampling": job.spec.sampling.to_wire()}
+        try:
+            if split.backend == "vllm":
+                # LMCache's producer stores the KV as vLLM computes it: one token computes it all.
+                sampling = job.spec.sampling.model_copy(update={"max_tokens": 1})
+                body["sampling"] = sampling.to_wire()
+                (await self.client.post(f"{endpoint}/v1/generate", json=body)).raise_for_status()
+                return _Prefilled(peer.name, None)
+            response = await self.client.post(f"{endpoint}/v1/prefill", json=body)
+            response.raise_for_status()
+        except httpx.HTTPError as e:
+            logger.warning(
+                "prefill on %s failed, computing on %s: %s", peer.name, decode.peer.name, e
+            )
+            return None
+        return _Prefilled(peer.name, f"{endpoint}/v1/kv/{prefill_id}")
+
+    def _route_or_none(
+        self, job: Job, blocks: list[ExternalBlockHash], excluded: frozenset[str]
+    ) -> Decision | None:
+        try:
+            return self._route(job, blocks, [], excluded)
+        except NoWorkerError:
+            return None
+
     async def _generate(
-        self, job: Job, decision: Decision, attempt: int, progress: _Progress
+        self,
+        job: Job,
+        decision: Decision,
+        attempt: int,
+        progress: _Progress,
+        prefill: _Prefilled | None,
     ) -> AsyncIterator[Piece | Finished]:
         sampling = job.spec.sampling.model_copy(
             update={"max_tokens": job.spec.sampling.max_tokens - progress.tokens}
@@ -229,7 +300,9 @@ class Dispatcher:
             "continuation": progress.text,
             "sampling": sampling.to_wire(),
             "stream": True,
+            **({"kvFrom": prefill.kv_from} if prefill and prefill.kv_from else {}),
         }
+        prefill_peer = prefill.peer if prefill else None
         url = f"{decision.peer.peer.spec.endpoint.rstrip('/')}/v1/generate"
         done_before = progress.tokens
         try:
@@ -250,9 +323,12 @@ class Dispatcher:
                             progress.first_token_at = time.monotonic()
                         progress.text += event["text"]
                         progress.tokens = done_before + event["tokens"]
-                        yield Piece(event["text"], decision.peer.name)
+                        yield Piece(event["text"], decision.peer.name, prefill_peer)
                     elif "finishReason" in event:
                         finished = event
+                        transfer = event["usage"].get("kvTransfer")
+                        if transfer:
+                            self.metrics.kv_transfer_seconds.observe(transfer["seconds"])
         except httpx.TransportError as e:
             raise _WorkerFailedError(str(e) or type(e).__name__) from e
         if finished is None:
@@ -269,6 +345,7 @@ class Dispatcher:
             first_token_seconds=None
             if progress.first_token_at is None
             else progress.first_token_at - progress.started,
+            prefill_peer=prefill_peer,
         )
 
 

@@ -80,6 +80,12 @@ class RouterMetrics:
             ["split"],
             registry=registry,
         )
+        self.kv_transfer_seconds = Histogram(
+            "edgellm_router_kv_transfer_duration_seconds",
+            "Fetching and loading a prefilled prompt's KV on its decode worker.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.worker_failures = Counter(
             "edgellm_router_worker_failures",
             "Attempts a worker broke off; the request went on elsewhere.",

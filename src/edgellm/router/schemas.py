@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgellm.api import ChatMessage, InferenceRequestSpec, SamplingParams
+from edgellm.api.inferencerequest import Disaggregation, Placement
 
 
 def error_response(
@@ -64,6 +65,7 @@ class _Generation(_OpenAIModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     ignore_eos: bool = False  # vLLM's extension, for benchmarks
+    disaggregation: Disaggregation = "auto"  # EdgeLLM's: split prefill and decode over peers
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
@@ -119,6 +121,7 @@ class ChatCompletionRequest(_Generation):
             model=self.model,
             messages=messages,
             sampling=self.sampling(self.max_completion_tokens or self.max_tokens),
+            placement=Placement(disaggregation=self.disaggregation),
         )
 
 
@@ -138,5 +141,8 @@ class CompletionRequest(_Generation):
     def spec(self) -> InferenceRequestSpec:
         prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
         return InferenceRequestSpec(
-            model=self.model, prompt=prompt, sampling=self.sampling(self.max_tokens)
+            model=self.model,
+            prompt=prompt,
+            sampling=self.sampling(self.max_tokens),
+            placement=Placement(disaggregation=self.disaggregation),
         )

@@ -38,6 +38,11 @@ def kv_mover(prefill: PeerNode, decode: PeerNode) -> Backend | None:
     )
 
 
+SPLIT_OVERHEAD_SECONDS: Final = 0.05
+"""What a split costs whatever the prompt: a second worker's round trip, saving and loading the
+state. Without it, two like peers would split short prompts on noise in their measured speeds."""
+
+
 def kv_transfer_seconds(kv_bytes: int, link_mbps: float) -> float:
     return kv_bytes * 8 / (link_mbps * 1_000_000)
 
@@ -68,7 +73,7 @@ def decide_split(
         return SplitDecision(False, "no measured prefill speed or KV size to compare")
     link = min(prefill.spec.network.uplink_mbps, decode.spec.network.downlink_mbps)
     transfer = kv_transfer_seconds(per_token * prompt_tokens, link)
-    remote = prompt_tokens / fast + transfer
+    remote = prompt_tokens / fast + transfer + SPLIT_OVERHEAD_SECONDS
     local = prompt_tokens / slow
     figures = f"prefill elsewhere and move {transfer:.2f}s, {remote:.2f}s in all; here {local:.2f}s"
     return SplitDecision(remote < local, figures, transfer, local, backend)
