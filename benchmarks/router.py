@@ -319,13 +319,19 @@ def bench_policies(
 # --- 2. added latency ---------------------------------------------------------------------
 
 
-async def _open_loop(send: Any, rate: float, seconds: float) -> list[float]:
-    """Requests arrive every 1/rate s whatever the answers do; latencies in ms."""
+async def _open_loop(send: Any, rate: float, seconds: float) -> tuple[list[float], int]:
+    """Requests arrive every 1/rate s whatever the answers do: the latencies of those
+    answered (ms), and how many failed."""
     latencies: list[float] = []
+    failures: list[int] = []
 
     async def one(index: int) -> None:
         started = time.perf_counter()
-        await send(index)
+        try:
+            await send(index)
+        except httpx.HTTPError:
+            failures.append(index)
+            return
         latencies.append((time.perf_counter() - started) * 1000)
 
     tasks = []
@@ -336,7 +342,7 @@ async def _open_loop(send: Any, rate: float, seconds: float) -> list[float]:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(index)))
     await asyncio.gather(*tasks)
-    return latencies
+    return latencies, len(failures)
 
 
 async def _measure(urls: list[str], router_url: str, rate: float, seconds: float) -> dict[str, Any]:
@@ -353,12 +359,14 @@ async def _measure(urls: list[str], router_url: str, rate: float, seconds: float
             response = await http.post(f"{router_url}/v1/completions", json=body)
             response.raise_for_status()
 
-        straight = await _open_loop(direct, rate, seconds)
-        through = await _open_loop(routed, rate, seconds)
+        straight, straight_failed = await _open_loop(direct, rate, seconds)
+        through, through_failed = await _open_loop(routed, rate, seconds)
     a, b = summary(straight), summary(through)
     return {
         "direct_ms": a,
         "router_ms": b,
+        "direct_failed": straight_failed,
+        "router_failed": through_failed,
         "added_ms": {q: round(float(b[q]) - float(a[q]), 2) for q in ("p50", "p99")},
     }
 
@@ -437,6 +445,7 @@ def run(size: Size, workdir: Path, policies: list[Policy]) -> dict[str, Any]:
     finally:
         processes.stop()
     result["cpus"] = os.cpu_count()
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
 
 

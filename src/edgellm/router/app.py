@@ -102,7 +102,11 @@ def create_app(
     metrics = RouterMetrics()
     access = Access(settings.rate_limit, settings.anonymous)
     started = int(time.time())
-    http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=3.0))
+    # Generations may stream for minutes; a connection waits for a pool slot 10 s at most.
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(600.0, connect=3.0, pool=10.0),
+        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+    )
     dispatcher = Dispatcher(
         peers,
         peers.kv.index,

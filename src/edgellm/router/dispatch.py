@@ -329,6 +329,8 @@ class Dispatcher:
                         transfer = event["usage"].get("kvTransfer")
                         if transfer:
                             self.metrics.kv_transfer_seconds.observe(transfer["seconds"])
+        except httpx.PoolTimeout as e:  # the router's own connections are all busy
+            raise NoWorkerError("the router is saturated: no connection to a worker is free") from e
         except httpx.TransportError as e:
             raise _WorkerFailedError(str(e) or type(e).__name__) from e
         if finished is None:
