@@ -2,7 +2,8 @@
 # The README's first command (after `make setup tools`): EdgeLLM's main job on its embedded
 # default. A federation of three local clusters, each with its operator; the generated tiny
 # model served by a llama.cpp worker that joins as a peer; the example InferenceRequest
-# applied, and its answer printed. Everything keeps running until `make down`.
+# applied, and its answer printed; then the same model asked through the OpenAI-compatible
+# router with the official `openai` client. Everything keeps running until `make down`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -48,5 +49,33 @@ echo "waiting for the worker's peer to be Ready..."
 echo
 echo "The answer (random weights: noise, but a real model's tokens and timings):"
 "$KUBECTL" --context edge-1 get ir hello -o jsonpath='{.status.output.text}{"\n"}'
+
+"$KUBECTL" --context edge-1 create secret generic edgellm-router-api-keys \
+  --from-literal=demo=sk-edgellm-demo --dry-run=client -o yaml | "$KUBECTL" --context edge-1 apply -f - >/dev/null
+background router edgellm router --kubeconfig "$DEV/demo/edge-1.kubeconfig" --cluster edge-1 --port 8080
+echo
+echo "The same model through the router (http://127.0.0.1:8080/v1, key sk-edgellm-demo):"
+python - <<'PYTHON'
+import time
+
+import httpx
+from openai import OpenAI
+
+deadline = time.monotonic() + 60
+while True:  # the router lists the federation's peers when it starts
+    try:
+        if "tiny-random" in httpx.get("http://127.0.0.1:8080/healthz").json()["models"]:
+            break
+    except httpx.HTTPError:
+        pass
+    if time.monotonic() > deadline:
+        raise SystemExit("the router did not come up: see ~/.cache/edgellm/dev/demo/router.log")
+    time.sleep(0.5)
+client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="sk-edgellm-demo")
+answer = client.chat.completions.create(
+    model="tiny-random", messages=[{"role": "user", "content": "Why pool machines?"}], max_tokens=16
+)
+print(f"{answer.choices[0].message.content!r} ({answer.usage.completion_tokens} tokens)")
+PYTHON
 echo
 echo "Everything keeps running (KUBECONFIG=$KUBECONFIG); stop it with: make down"
