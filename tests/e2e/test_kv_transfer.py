@@ -51,7 +51,7 @@ def _prefill(worker: str, request_id: str, prompt: str = PROMPT) -> dict[str, An
 
 
 def _transfers(worker: str, outcome: str) -> float:
-    metric = f'edgellm_worker_kv_transfers_total{{outcome="{outcome}"}}'
+    metric = f'edgellm_worker_kv_transfers_total{{outcome="{outcome}",source="peer"}}'
     text = httpx.get(f"{worker}/metrics").text
     return float(next(x for x in text.splitlines() if x.startswith(metric)).split()[-1])
 

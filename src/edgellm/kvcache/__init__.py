@@ -5,6 +5,7 @@ KV event schema, so llama.cpp and vLLM workers feed one KV index. Imports only `
 from edgellm.kvcache.events import (
     MEDIUM_CPU,
     MEDIUM_GPU,
+    MEDIUM_IPFS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "MEDIUM_CPU",
     "MEDIUM_GPU",
+    "MEDIUM_IPFS",
     "AllBlocksCleared",
     "BlockHash",
     "BlockRemoved",

@@ -21,6 +21,8 @@ import msgspec
 
 MEDIUM_GPU = "GPU"
 MEDIUM_CPU = "CPU"  # vLLM's CPU tier (its offloading connector); llama.cpp holds KV here
+# Not vLLM's: a peer's IPFS store holds the blocks (edgellm.worker.ipfskv), to load, not use.
+MEDIUM_IPFS = "IPFS"
 
 # A block's hash on the wire: an int (see hashing.external_hash), or the raw digest from a vLLM
 # worker run with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0.

@@ -126,6 +126,11 @@ class LlamaCppBackend:
     def context(self) -> int:
         return int(self._llama.n_ctx())
 
+    @property
+    def model_id(self) -> str:
+        """The model's name and fingerprint: what KV shared with other peers is labelled with."""
+        return f"{self._model_identity['name']}@{self._model_identity['fingerprint']}"
+
     def tokenize(self, text: str) -> list[int]:
         return list(self._llama.tokenize(text.encode(), add_bos=True, special=True))
 
@@ -230,16 +235,19 @@ class LlamaCppBackend:
         preamble = _PREAMBLE.pack(KV_STATE_MAGIC, KV_STATE_VERSION, len(header))
         return b"".join((preamble, header, state))
 
-    def import_kv_state(self, data: bytes, tokens: list[int]) -> int:
+    def import_kv_state(self, data: bytes, tokens: list[int], prefix: int | None = None) -> int:
         """Loads a state that `export_kv_state` wrote for a prefix of `tokens` (the prompt about
         to be generated from) and returns how many tokens it holds.
 
+        With `prefix`, only the state's first `prefix` tokens are kept and must begin `tokens`:
+        a state saved after a generation also holds what was generated after its prompt.
         Raises KVStateError when the bytes are not such a state of this model; the context is
         then unchanged, or empty if llama.cpp itself refused them.
         """
         header, offset = self._kv_state_header(data)
         held: list[int] = header["tokens"]
-        if tokens[: len(held)] != held:
+        kept = len(held) if prefix is None else prefix
+        if not 0 < kept <= len(held) or tokens[:kept] != held[:kept]:
             raise KVStateError("the KV state is of another prompt")
         size = len(data) - offset
         state = (ctypes.c_uint8 * size).from_buffer_copy(data, offset)
@@ -252,12 +260,12 @@ class LlamaCppBackend:
             raise KVStateError(f"the KV state does not hold the {len(held)} tokens it names")
         self._llama.input_ids[: len(held)] = held
         # The state's logits are not trusted for sampling (llama-cpp-python's `load_state` says
-        # the same): the last token is evaluated again, so the first generated token is exactly
-        # the one this worker would compute from the prompt.
-        if self._keep(len(held) - 1) != len(held) - 1:
-            raise KVStateError("this model cannot drop the last token of a loaded KV state")
-        self._llama.eval(held[-1:])
-        return len(held)
+        # the same): the last token kept is evaluated again, so the first generated token is
+        # exactly the one this worker would compute from the prompt.
+        if self._keep(kept - 1) != kept - 1:
+            raise KVStateError("this model cannot drop the last tokens of a loaded KV state")
+        self._llama.eval(held[kept - 1 : kept])
+        return kept
 
     def _kv_state_header(self, data: bytes) -> tuple[dict[str, Any], int]:
         """The header of KV state bytes, checked against this model and context, and where the

@@ -11,6 +11,10 @@ id; then it asks the decode worker to generate with `kvFrom` set to the prefill 
 `/v1/kv/{id}`. The decode worker fetches that state once it has the model's turn, loads it
 and generates. A state it cannot have or load is only a lost shortcut: it computes the prompt.
 (vLLM workers move KV with LMCache instead, and answer both with a 501.)
+
+With IPFS (`ipfs_kv`, see `ipfskv.py`), the state of every long prompt is also saved to this
+peer's Kubo in the background and announced: `GET /v1/kv/ipfs/{block_hash}` serves the signed
+announcement, and a `kvFrom` naming such a URL loads the state through this worker's own Kubo.
 """
 
 import asyncio
@@ -19,9 +23,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
-from typing import Any, Final, TypeVar
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar
 
 import httpx
 from fastapi import FastAPI, Request, Response
@@ -38,6 +43,8 @@ from starlette.background import BackgroundTask
 
 from edgellm.api import ChatMessage, PeerLoad, SamplingParams
 from edgellm.api._common import Model
+from edgellm.kvcache import ExternalBlockHash
+from edgellm.worker.ipfskv import IPFSKV, IPFSKVError, Prefix, announced_block, announcement_json
 from edgellm.worker.kvevents import KVEvents
 from edgellm.worker.llamacpp import (
     KVStateError,
@@ -68,8 +75,20 @@ class GenerateRequest(Model):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     stream: bool = False
     kv_from: str | None = Field(default=None, pattern=r"^https?://", max_length=2048)
-    """The `/v1/kv/{id}` URL of the worker that prefilled this prompt: its KV is loaded rather
+    """The `/v1/kv/{id}` URL of the worker that prefilled this prompt, or a peer's
+    `/v1/kv/ipfs/{block_hash}` announcement of a prefix's KV in IPFS: that KV is loaded rather
     than computed (llama.cpp workers of the same model only)."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A KV state fetched for a prompt, and whence: `tokens` of it begin the prompt (None: all)."""
+
+    state: bytes
+    seconds: float
+    source: Literal["peer", "ipfs"]
+    tokens: int | None = None
+    manifest: str | None = None
 
 
 class KVStore:
@@ -188,7 +207,7 @@ class Generation:
         pieces: Iterator[Piece],
         cancelled: threading.Event,
         turn: asyncio.Lock,
-        on_close: Callable[[str], None],
+        on_close: Callable[[str], "asyncio.Future[Any] | None"],
     ) -> None:
         self._pieces = pieces
         self._cancelled = cancelled
@@ -213,8 +232,13 @@ class Generation:
         self._cancelled.set()
 
         def release(_: object = None) -> None:
-            self._on_close(self._reason)  # the model is idle: its state may be read
-            self._turn.release()
+            # The model is idle: its state may be read, and `on_close` may go on reading it
+            # in a thread (the future it returns), holding the turn until it is done.
+            reading = self._on_close(self._reason)
+            if reading is None:
+                self._turn.release()
+            else:
+                reading.add_done_callback(lambda _: self._turn.release())
 
         if self._step is None or self._step.done():
             release()
@@ -229,7 +253,7 @@ class StreamGeneration:
         self,
         pieces: AsyncGenerator[Piece, None],
         cancelled: threading.Event,
-        on_close: Callable[[str], None],
+        on_close: Callable[[str], object],
     ) -> None:
         self._pieces = pieces
         self._cancelled = cancelled
@@ -264,8 +288,16 @@ Backend = LlamaCppBackend | VllmBackend
 
 
 @asynccontextmanager
-async def _serving(backend: Backend) -> AsyncIterator[None]:
-    """vLLM runs as a child process for as long as the app serves."""
+async def _serving(
+    backend: Backend, ipfs_kv: IPFSKV | None, saves: set[asyncio.Task[None]]
+) -> AsyncIterator[None]:
+    """vLLM runs as a child process for as long as the app serves; saves to IPFS still
+    running at the end are cancelled."""
+    if ipfs_kv is not None:
+        try:
+            await ipfs_kv.start()
+        except IPFSKVError as e:
+            logger.warning("the pins of an earlier run are not counted: %s", e)
     if isinstance(backend, VllmBackend):
         await backend.start()
     try:
@@ -273,6 +305,11 @@ async def _serving(backend: Backend) -> AsyncIterator[None]:
     finally:
         if isinstance(backend, VllmBackend):
             await backend.stop()
+        for task in saves:
+            task.cancel()
+        await asyncio.gather(*saves, return_exceptions=True)
+        if ipfs_kv is not None:
+            await ipfs_kv.aclose()
 
 
 def create_app(
@@ -280,8 +317,10 @@ def create_app(
     model: str,
     kv_events: KVEvents | None = None,
     kv_store: KVStore | None = None,
+    ipfs_kv: IPFSKV | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="EdgeLLM worker", lifespan=lambda _: _serving(backend))
+    saves: set[asyncio.Task[None]] = set()  # kept, or the loop may collect them mid-save
+    app = FastAPI(title="EdgeLLM worker", lifespan=lambda _: _serving(backend, ipfs_kv, saves))
     store = KVStore() if kv_store is None else kv_store
     running: dict[str, threading.Event] = {}
     turn = asyncio.Lock()  # one generation at a time: llama.cpp's context is single
@@ -300,16 +339,31 @@ def create_app(
     )
     kv_transfers = Counter(
         "edgellm_worker_kv_transfers",
-        "KV states fetched from prefill peers, by whether they were loaded or the prompt"
-        " computed instead.",
-        ["outcome"],
+        "KV states fetched for kvFrom, by whether they were loaded or the prompt computed"
+        " instead, and whence: a prefill peer over HTTP, or IPFS.",
+        ["outcome", "source"],
         registry=metrics,
     )
     for outcome in ("loaded", "failed"):
-        kv_transfers.labels(outcome)
+        for source in ("peer", "ipfs"):
+            kv_transfers.labels(outcome, source)
     kv_transfer_bytes = Counter(
         "edgellm_worker_kv_transfer_bytes",
         "Bytes of KV state fetched from prefill peers.",
+        registry=metrics,
+    )
+    ipfs_bytes = Counter(
+        "edgellm_worker_ipfs_bytes",
+        "Bytes of KV state stored in (put) or fetched through (get) this peer's IPFS daemon.",
+        ["direction"],
+        registry=metrics,
+    )
+    for direction in ("put", "get"):
+        ipfs_bytes.labels(direction)
+    ipfs_fetch_seconds = Histogram(
+        "edgellm_worker_ipfs_fetch_duration_seconds",
+        "From kvFrom to a KV state fetched through IPFS and checked, announcement included.",
+        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
         registry=metrics,
     )
     if kv_events is not None:
@@ -329,21 +383,37 @@ def create_app(
         if kv_events is not None:
             kv_events.after_generation(held)
 
-    async def fetch_state(url: str) -> tuple[bytes, float] | None:
-        """A prefill peer's KV state and the seconds it took, or None (logged and counted)."""
+    async def fetch_state(url: str, text: str) -> Fetched | None:
+        """The KV state `url` names for the prompt `text`, from a prefill peer or through IPFS,
+        or None (logged and counted)."""
         started = time.monotonic()
+        if announced_block(url) is not None:
+            if ipfs_kv is None:
+                logger.warning("computing the prompt: %s is KV in IPFS, and no daemon is set", url)
+                kv_transfers.labels("failed", "ipfs").inc()
+                return None
+            try:
+                restored = await ipfs_kv.fetch(url, await backend.tokenize_async(text))
+            except IPFSKVError as e:
+                logger.warning("computing the prompt: no KV from IPFS via %s: %s", url, e)
+                kv_transfers.labels("failed", "ipfs").inc()
+                return None
+            seconds = time.monotonic() - started
+            ipfs_fetch_seconds.observe(seconds)
+            ipfs_bytes.labels("get").inc(len(restored.state))
+            return Fetched(restored.state, seconds, "ipfs", restored.tokens, restored.manifest)
         try:
             state = await _download(url, store.max_bytes)
         except (httpx.HTTPError, KVStateError) as e:
             logger.warning("computing the prompt: no KV state from %s: %s", url, e)
-            kv_transfers.labels("failed").inc()
+            kv_transfers.labels("failed", "peer").inc()
             return None
         kv_transfer_bytes.inc(len(state))
-        return state, time.monotonic() - started
+        return Fetched(state, time.monotonic() - started, "peer")
 
     def loading(
         llama: LlamaCppBackend,
-        fetched: tuple[bytes, float],
+        fetched: Fetched,
         text: str,
         transfer: dict[str, Any],
         pieces: Iterator[Piece],
@@ -351,18 +421,66 @@ def create_app(
         """Loads a fetched state into the context, then generates: in the generation's
         thread, as loading touches the model. A state refused is logged, and the prompt
         computed; `transfer` says what was loaded."""
-        state, fetch_seconds = fetched
         started = time.monotonic()
         try:
-            loaded = llama.import_kv_state(state, llama.tokenize(text))
+            loaded = llama.import_kv_state(fetched.state, llama.tokenize(text), fetched.tokens)
         except KVStateError as e:
             logger.warning("computing the prompt: its KV state was refused: %s", e)
-            kv_transfers.labels("failed").inc()
+            kv_transfers.labels("failed", fetched.source).inc()
         else:
-            kv_transfers.labels("loaded").inc()
-            seconds = fetch_seconds + time.monotonic() - started
-            transfer.update(bytes=len(state), seconds=round(seconds, 4), tokens=loaded)
+            kv_transfers.labels("loaded", fetched.source).inc()
+            seconds = fetched.seconds + time.monotonic() - started
+            transfer.update(
+                bytes=len(fetched.state),
+                seconds=round(seconds, 4),
+                tokens=loaded,
+                source=fetched.source,
+            )
+            if fetched.manifest is not None:
+                transfer["manifest"] = fetched.manifest
         yield from pieces
+
+    def share(prefix: Prefix, state: Awaitable[bytes]) -> None:
+        """Saves a prefix's KV state (being exported) to IPFS in the background."""
+        assert ipfs_kv is not None
+
+        async def save() -> None:
+            try:
+                data = await state
+            except Exception:  # llama.cpp could not write its state: nothing to share
+                ipfs_kv.release(prefix)
+                logger.exception("not sharing a prompt's KV through IPFS: no state")
+                return
+            started = time.monotonic()
+            try:
+                announced = await ipfs_kv.save(prefix, data)
+            except IPFSKVError as e:
+                logger.warning("not sharing a prompt's KV through IPFS: %s", e)
+                return
+            ipfs_bytes.labels("put").inc(len(data))
+            logger.info(
+                "the KV of %d tokens (%d bytes) is in IPFS as %s after %.3f s",
+                len(prefix.tokens),
+                len(data),
+                announced.manifest,
+                time.monotonic() - started,
+            )
+
+        task = asyncio.ensure_future(save())
+        saves.add(task)
+        task.add_done_callback(saves.discard)
+
+    def export_for_ipfs(llama: LlamaCppBackend, prompt_tokens: int) -> "asyncio.Future[Any] | None":
+        """After a generation, while the turn is held: exports the state in a thread (the turn
+        waits on the future returned) when the prompt is worth saving to IPFS."""
+        if ipfs_kv is None:
+            return None
+        prefix = ipfs_kv.claim(llama.context_tokens()[:prompt_tokens])
+        if prefix is None:
+            return None
+        exported = asyncio.ensure_future(asyncio.to_thread(llama.export_kv_state))
+        share(prefix, exported)
+        return exported
 
     @app.get("/healthz")
     def health() -> dict[str, Any]:
@@ -416,16 +534,21 @@ def create_app(
         llama = backend
         usage = Usage()
 
-        def work() -> tuple[float, bytes]:
+        def work() -> tuple[float, bytes, list[int]]:
             seconds = llama.prefill(prompt, body.sampling.max_tokens, usage, body.continuation)
             context_changed(llama)
-            return seconds, llama.export_kv_state()
+            return seconds, llama.export_kv_state(), llama.context_tokens()
 
         try:
-            seconds, state = await _in_turn(turn, work)
+            seconds, state, held = await _in_turn(turn, work)
         except PromptTooLongError as e:
             return _error(400, str(e))
         learn_prefill_rate(usage.prompt_tokens - usage.cached_tokens, seconds)
+        prefix = ipfs_kv.claim(held[: usage.prompt_tokens]) if ipfs_kv is not None else None
+        if prefix is not None:
+            exported = asyncio.get_running_loop().create_future()
+            exported.set_result(state)
+            share(prefix, exported)
         if not store.put(body.id, state):
             message = f"the KV state has {len(state)} bytes, over the {store.max_bytes} kept"
             return _error(507, message, "server_error")
@@ -438,6 +561,18 @@ def create_app(
                 "stateBytes": len(state),
             }
         )
+
+    @app.get("/v1/kv/ipfs/{block_hash}")
+    async def ipfs_announcement(block_hash: str) -> Response:
+        """The signed announcement of a chunk in this peer's IPFS that holds the block (as KV
+        events name it), for another worker's `kvFrom`. Async: the announcements are the event
+        loop's."""
+        found = None
+        if ipfs_kv is not None and block_hash.isdigit() and int(block_hash) < 1 << 64:
+            found = ipfs_kv.announcement(ExternalBlockHash(int(block_hash)))
+        if found is None:
+            return _error(404, f"no KV in IPFS holds block {block_hash}", "not_found_error")
+        return JSONResponse(announcement_json(found))
 
     @app.get("/v1/kv/{request_id}")
     async def kv_state(request_id: str) -> Response:
@@ -461,7 +596,7 @@ def create_app(
         usage = Usage()
         transfer: dict[str, Any] = {}  # what kvFrom loaded: bytes, seconds, tokens
 
-        def finish(reason: str) -> None:
+        def finish(reason: str) -> "asyncio.Future[Any] | None":
             running.pop(body.id, None)
             tokens.inc(usage.completion_tokens)
             finished.labels(reason).inc()
@@ -475,6 +610,8 @@ def create_app(
                 load.tokens_per_second = round(_smooth(load.tokens_per_second, rate), 1)
             if isinstance(backend, LlamaCppBackend):
                 context_changed(backend)
+                return export_for_ipfs(backend, usage.prompt_tokens)
+            return None
 
         if body.id:  # cancellable while it waits for the model, too
             running[body.id] = cancelled
@@ -494,7 +631,8 @@ def create_app(
             try:
                 # Fetched once the model is ours, so waiting requests hold no states: the
                 # prefill peer keeps it meanwhile.
-                fetched = await fetch_state(body.kv_from) if body.kv_from else None
+                whole = prompt + body.continuation
+                fetched = await fetch_state(body.kv_from, whole) if body.kv_from else None
             except BaseException:  # the client left while it was fetched
                 running.pop(body.id, None)
                 turn.release()
@@ -504,7 +642,6 @@ def create_app(
                 prompt, sampling, usage, cancelled, body.continuation
             )
             if fetched is not None:
-                whole = prompt + body.continuation
                 tokens_out = loading(backend, fetched, whole, transfer, tokens_out)
             generation = Generation(tokens_out, cancelled, turn, finish)
         try:
