@@ -9,10 +9,17 @@ import pytest
 from pydantic import ValidationError
 
 from edgellm.api import InferenceRequestSpec, PeerNode
+from edgellm.kvcache import (
+    MEDIUM_CPU,
+    MEDIUM_IPFS,
+    BlockStored,
+    ExternalBlockHash,
+    prompt_block_keys,
+)
 from edgellm.kvcache.index import KVIndex
 from edgellm.kvcache.subscriptions import KVSubscriptions
 from edgellm.router.access import Access, Denied
-from edgellm.router.dispatch import Dispatcher, Job
+from edgellm.router.dispatch import IPFS_HIT_VALUE, Dispatcher, Job
 from edgellm.router.metrics import RouterMetrics
 from edgellm.router.peers import PeerDirectory
 from edgellm.router.policies import RoutingHistory, policy_profile, text_chunk_keys
@@ -175,3 +182,25 @@ def test_the_own_clusters_peer_wins_when_scores_are_otherwise_equal() -> None:
     peers.failed("z-home")  # a worker that just failed is routed around at once
     assert dispatcher._route(Job("j", spec), [], [], frozenset()).peer.name == "a-away"
     asyncio.run(peers.kv.stop())
+
+
+def test_a_prefix_in_ipfs_counts_for_every_peer_and_is_loaded_from_its_announcer() -> None:
+    peers = PeerDirectory(None, KVSubscriptions(KVIndex()))
+    peers.set_peers([_body("a"), _body("b")])
+    blocks = prompt_block_keys(list(range(64)), seed="0")  # 4 full blocks
+    peers.kv.index.apply("a", [_stored(blocks[:3], MEDIUM_IPFS)])
+    peers.kv.index.apply("b", [_stored(blocks[:1], MEDIUM_CPU)])
+    dispatcher = Dispatcher(peers, peers.kv.index, httpx.AsyncClient(), RouterMetrics())
+    spec = CompletionRequest.model_validate({"model": "m", "prompt": "p"}).spec()
+    decision = dispatcher._route(Job("j", spec), blocks, [], frozenset())
+    # Three blocks in IPFS are worth more than one in memory, discounted for the fetch.
+    assert decision.peer.cached_fraction == pytest.approx(IPFS_HIT_VALUE * 3 / 4)
+    source = dispatcher._from_ipfs(decision, blocks)
+    assert source is not None
+    assert source.kv_from == f"http://a:8600/v1/kv/ipfs/{blocks[2]}"
+    assert not source.prefilled
+    asyncio.run(peers.kv.stop())
+
+
+def _stored(hashes: list[ExternalBlockHash], medium: str) -> BlockStored:
+    return BlockStored(hashes, None, [0] * 16 * len(hashes), 16, None, medium, None)

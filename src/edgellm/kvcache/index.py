@@ -7,7 +7,7 @@ offloads from GPU to CPU; a peer may keep blocks in IPFS). Pure and single-threa
 owns the events.
 """
 
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Collection, Container, Iterable, Sequence
 from typing import TypeVar
 
 from edgellm.kvcache.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -48,15 +48,37 @@ class KVIndex:
         """A worker gone: none of its blocks can be reused."""
         self._blocks.pop(worker, None)
 
-    def matched_blocks(self, worker: str, prompt: Sequence[ExternalBlockHash]) -> int:
-        """How many of the prompt's leading blocks the worker holds, in any medium."""
-        held = list(self._blocks.get(worker, {}).values())
+    def matched_blocks(
+        self,
+        worker: str,
+        prompt: Sequence[ExternalBlockHash],
+        mediums: Collection[str] | None = None,
+    ) -> int:
+        """How many of the prompt's leading blocks the worker holds, in any of `mediums`
+        (default: any medium)."""
+        held = [
+            blocks
+            for medium, blocks in self._blocks.get(worker, {}).items()
+            if mediums is None or medium in mediums
+        ]
         count = 0
         for block in prompt:
             if not any(block in blocks for blocks in held):
                 break
             count += 1
         return count
+
+    def best_holder(
+        self, prompt: Sequence[ExternalBlockHash], medium: str
+    ) -> tuple[str, int] | None:
+        """The worker holding most of the prompt's leading blocks in `medium`, and how many;
+        None when none holds the first."""
+        best = None
+        for worker, mediums in self._blocks.items():
+            held = mediums.get(medium)
+            if held and (count := leading_matches(prompt, held)) and count > (best or ("", 0))[1]:
+                best = (worker, count)
+        return best
 
     def blocks_by_medium(self) -> dict[str, int]:
         """How many blocks the index knows, per medium, summed over workers."""

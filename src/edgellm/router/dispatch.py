@@ -24,7 +24,13 @@ from typing import Any
 import httpx
 
 from edgellm.api import InferenceRequestSpec
-from edgellm.kvcache import ExternalBlockHash, prompt_block_keys
+from edgellm.kvcache import (
+    MEDIUM_CPU,
+    MEDIUM_GPU,
+    MEDIUM_IPFS,
+    ExternalBlockHash,
+    prompt_block_keys,
+)
 from edgellm.kvcache.index import KVIndex, leading_matches
 from edgellm.kvcache.tokens import tokenize_on_worker
 from edgellm.router.metrics import RouterMetrics
@@ -35,6 +41,11 @@ from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import decide_split
 
 logger = logging.getLogger(__name__)
+
+# A prefix in IPFS counts for this much of one in a worker's memory: loading it costs a fetch
+# and a restore (0.15x of recomputing 2k tokens of the bench model, benchmarks.kv_ipfs).
+IPFS_HIT_VALUE = 0.8
+IN_MEMORY = (MEDIUM_GPU, MEDIUM_CPU)
 
 
 class DispatchError(Exception):
@@ -100,9 +111,12 @@ class Finished:
 
 
 @dataclass(frozen=True)
-class _Prefilled:
+class _KVSource:
+    """Where the decode worker gets the prompt's KV instead of computing it."""
+
     peer: str
-    kv_from: str | None  # where the decode worker fetches the KV (llama.cpp); None: LMCache's
+    kv_from: str | None  # what it fetches (llama.cpp); None: LMCache moves it (vLLM)
+    prefilled: bool  # computed for this request by `peer`, rather than found in IPFS
 
 
 @dataclass
@@ -165,10 +179,11 @@ class Dispatcher:
             self._pending.setdefault(peer, []).append(pending)
             try:
                 # A split is for the first attempt only: a retry computes what it needs itself.
-                prefill = (
+                split = (
                     await self._prefill(job, decision, blocks, excluded) if attempt == 1 else None
                 )
-                async for piece in self._generate(job, decision, attempt, progress, prefill):
+                source = split or self._from_ipfs(decision, blocks)
+                async for piece in self._generate(job, decision, attempt, progress, source):
                     yield piece
                 return
             except _WorkerFailedError as e:
@@ -205,11 +220,12 @@ class Dispatcher:
         excluded: frozenset[str],
     ) -> Decision:
         candidates = []
+        in_ipfs = self.index.best_holder(blocks, MEDIUM_IPFS) if blocks else None
         for name, peer in self.peers.peers.items():
             if blocks:
-                held = self.index.matched_blocks(name, blocks)
-                for pending in self._pending.get(name, ()):
-                    held = max(held, leading_matches(blocks, pending))
+                held: float = self._held(name, blocks)
+                if in_ipfs is not None:  # any peer can load it, at a cost
+                    held = max(held, IPFS_HIT_VALUE * in_ipfs[1])
                 cached = held / len(blocks)
             elif text_keys:
                 cached = self.history.matched(name, text_keys) / len(text_keys)
@@ -230,13 +246,33 @@ class Dispatcher:
             )
         return result
 
+    def _held(self, peer: str, blocks: list[ExternalBlockHash]) -> int:
+        """The prompt's leading blocks `peer` has in memory, or is computing now."""
+        held = self.index.matched_blocks(peer, blocks, IN_MEMORY)
+        for pending in self._pending.get(peer, ()):
+            held = max(held, leading_matches(blocks, pending))
+        return held
+
+    def _from_ipfs(self, decode: Decision, blocks: list[ExternalBlockHash]) -> _KVSource | None:
+        """The announcement of the longest prefix of the prompt in IPFS, when it is longer than
+        what `decode` holds in memory: the decode worker loads it through its own Kubo."""
+        in_ipfs = self.index.best_holder(blocks, MEDIUM_IPFS) if blocks else None
+        if in_ipfs is None or in_ipfs[1] <= self._held(decode.peer.name, blocks):
+            return None
+        holder, count = in_ipfs
+        announcer = self.peers.peers.get(holder)
+        if announcer is None:
+            return None
+        url = f"{announcer.spec.endpoint.rstrip('/')}/v1/kv/ipfs/{blocks[count - 1]}"
+        return _KVSource(holder, url, prefilled=False)
+
     async def _prefill(
         self,
         job: Job,
         decode: Decision,
         blocks: list[ExternalBlockHash],
         excluded: set[str],
-    ) -> _Prefilled | None:
+    ) -> _KVSource | None:
         """Computes the prompt on a second peer when that beats computing it on `decode`
         (`decide_split`); None when the request stays on one peer, or the prefill failed."""
         mode = job.spec.placement.disaggregation
@@ -265,7 +301,7 @@ class Dispatcher:
                 sampling = job.spec.sampling.model_copy(update={"max_tokens": 1})
                 body["sampling"] = sampling.to_wire()
                 (await self.client.post(f"{endpoint}/v1/generate", json=body)).raise_for_status()
-                return _Prefilled(peer.name, None)
+                return _KVSource(peer.name, None, prefilled=True)
             response = await self.client.post(f"{endpoint}/v1/prefill", json=body)
             response.raise_for_status()
         except httpx.HTTPError as e:
@@ -273,7 +309,7 @@ class Dispatcher:
                 "prefill on %s failed, computing on %s: %s", peer.name, decode.peer.name, e
             )
             return None
-        return _Prefilled(peer.name, f"{endpoint}/v1/kv/{prefill_id}")
+        return _KVSource(peer.name, f"{endpoint}/v1/kv/{prefill_id}", prefilled=True)
 
     def _route_or_none(
         self, job: Job, blocks: list[ExternalBlockHash], excluded: frozenset[str]
@@ -289,7 +325,7 @@ class Dispatcher:
         decision: Decision,
         attempt: int,
         progress: _Progress,
-        prefill: _Prefilled | None,
+        source: _KVSource | None,
     ) -> AsyncIterator[Piece | Finished]:
         sampling = job.spec.sampling.model_copy(
             update={"max_tokens": job.spec.sampling.max_tokens - progress.tokens}
@@ -300,9 +336,9 @@ class Dispatcher:
             "continuation": progress.text,
             "sampling": sampling.to_wire(),
             "stream": True,
-            **({"kvFrom": prefill.kv_from} if prefill and prefill.kv_from else {}),
+            **({"kvFrom": source.kv_from} if source and source.kv_from else {}),
         }
-        prefill_peer = prefill.peer if prefill else None
+        prefill_peer = source.peer if source and source.prefilled else None
         url = f"{decision.peer.peer.spec.endpoint.rstrip('/')}/v1/generate"
         done_before = progress.tokens
         try:
@@ -329,6 +365,7 @@ class Dispatcher:
                         transfer = event["usage"].get("kvTransfer")
                         if transfer:
                             self.metrics.kv_transfer_seconds.observe(transfer["seconds"])
+                            self.metrics.kv_loads.labels(transfer.get("source", "peer")).inc()
         except httpx.PoolTimeout as e:  # the router's own connections are all busy
             raise NoWorkerError("the router is saturated: no connection to a worker is free") from e
         except httpx.TransportError as e:

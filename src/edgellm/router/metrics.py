@@ -86,6 +86,13 @@ class RouterMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.kv_loads = Counter(
+            "edgellm_router_kv_loads",
+            "Prompts whose KV the decode worker loaded rather than computed, by where from:"
+            " a prefill peer, or IPFS.",
+            ["source"],
+            registry=registry,
+        )
         self.worker_failures = Counter(
             "edgellm_router_worker_failures",
             "Attempts a worker broke off; the request went on elsewhere.",
