@@ -48,7 +48,7 @@ from benchmarks.common import Processes, say, summary, until
 from edgellm.api import GROUP, VERSION, InferenceRequestSpec
 from edgellm.dev.cluster import free_port
 from edgellm.kvcache import BlockStored, prompt_block_keys
-from edgellm.kvcache.index import KVIndex
+from edgellm.kvcache.index import KVIndex, common_prefix
 from edgellm.kvcache.subscriptions import KVSubscriptions
 from edgellm.router.dispatch import Dispatcher, Job
 from edgellm.router.metrics import RouterMetrics
@@ -232,20 +232,11 @@ def oracle_hit_rate(turns: list[Turn], tokenizer: GgufTokenizer) -> float:
     cached = total = 0
     for turn in sorted(turns, key=lambda t: t.sent_at):
         tokens = tokenizer.tokens({"messages": turn.messages})
-        best = max((_common_prefix(tokens, s) for s in seen), default=0)
+        best = max((common_prefix(tokens, s) for s in seen), default=0)
         cached += min(best, len(tokens) - 1)  # the last prompt token is always computed
         total += len(tokens)
         seen.append(tokenizer.tokenize(tokenizer.text({"messages": turn.messages}) + turn.answer))
     return cached / total if total else 0.0
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    count = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        count += 1
-    return count
 
 
 async def run_workload(url: str, size: Size, label: str, seed: int) -> tuple[list[Turn], float]:

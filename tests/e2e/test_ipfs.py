@@ -49,12 +49,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    swarm = LocalSwarm(tmp_path_factory.mktemp("ipfs"), 3)
-    swarm.up(timeout=60)
-    try:
+    with LocalSwarm(tmp_path_factory.mktemp("ipfs"), 3) as swarm:
         yield swarm
-    finally:
-        swarm.down()
 
 
 def chunk(size: int) -> KVChunk:
@@ -185,7 +181,8 @@ async def test_a_hung_daemon_fails_calls_within_the_client_timeout(swarm: LocalS
     try:
         async with KuboClient(swarm.nodes[2].api_url, timeout=1.0) as ipfs:
             started = time.monotonic()
-            with pytest.raises(IPFSUnavailableError, match="ReadTimeout"):
+            # The kernel may still accept the connection (ReadTimeout) or not (ConnectTimeout).
+            with pytest.raises(IPFSUnavailableError, match=r"(Read|Connect)Timeout"):
                 await ipfs.id()
             assert time.monotonic() - started < 1.5
     finally:

@@ -59,12 +59,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
-    swarm = LocalSwarm(tmp_path_factory.mktemp("ipfs"), 3)
-    swarm.up(timeout=60)
-    try:
+    with LocalSwarm(tmp_path_factory.mktemp("ipfs"), 3) as swarm:
         yield swarm
-    finally:
-        swarm.down()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -253,3 +254,10 @@ class LocalSwarm:
         """Stops every daemon still running, the last started first."""
         for index in sorted(self._processes, reverse=True):
             self.stop(index)
+
+    def __enter__(self) -> Self:
+        self.up()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.down()

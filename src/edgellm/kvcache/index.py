@@ -26,6 +26,16 @@ def leading_matches(prompt: Sequence[K], held: Container[K]) -> int:
     return count
 
 
+def common_prefix(a: Sequence[K], b: Sequence[K]) -> int:
+    """How many leading items two sequences (tokens, block hashes) share."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
 class KVIndex:
     def __init__(self) -> None:
         # worker -> medium -> blocks: a removal names its medium, and one medium's eviction

@@ -64,6 +64,7 @@ from edgellm.kvcache.blockstore import (
     announce,
     verify_announcement,
 )
+from edgellm.kvcache.index import common_prefix
 from edgellm.kvcache.ipfs import IPFSError, as_cid
 
 # What a chunk's bytes are: a whole `LlamaCppBackend.export_kv_state` (the store does not read it).
@@ -355,7 +356,7 @@ class IPFSKV:
             if announcement.model != self.model:
                 raise BadAnnouncementError(f"the KV is of {announcement.model}, not {self.model}")
             keys = prompt_block_keys(tokens, seed=self.seed, block_size=self.block_size)
-            shared = _shared_blocks(announcement.token_hashes, keys)
+            shared = common_prefix(announcement.token_hashes, keys)
             if shared == 0:
                 raise BadAnnouncementError("the announced blocks do not begin this prompt")
             chunk = await self.store.get(announcement.manifest)
@@ -386,16 +387,6 @@ class IPFSKV:
             if announcement.manifest not in self.store.ledger:
                 removed += self.book.remove(last)
         return [BlockRemoved(block_hashes=removed, medium=MEDIUM_IPFS)] if removed else []
-
-
-def _shared_blocks(announced: Sequence[int], prompt: Sequence[int]) -> int:
-    """How many leading blocks the announced chain and the prompt's blocks have in common."""
-    count = 0
-    for a, b in zip(announced, prompt, strict=False):
-        if a != b:
-            break
-        count += 1
-    return count
 
 
 async def _get_json(url: str) -> object:

@@ -44,6 +44,8 @@ import numpy.typing as npt
 from jinja2 import Template  # the engine of chat templates, as in llama.cpp's own server
 from llama_cpp import Llama, LogitsProcessorList
 
+from edgellm.kvcache.index import common_prefix
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -162,7 +164,7 @@ class LlamaCppBackend:
         """
         tokens = self._prompt_tokens(prompt, continuation, sampling.max_tokens, usage)
         started = time.monotonic()
-        usage.cached_tokens = _common_prefix(self.context_tokens(), tokens)
+        usage.cached_tokens = common_prefix(self.context_tokens(), tokens)
         if sampling.seed is not None:
             self._llama.set_seed(sampling.seed)
         # Token by token, so counts are exact and a cancel stops at the next token.
@@ -207,7 +209,7 @@ class LlamaCppBackend:
         it took. The common prefix with what the context holds is reused, as in `generate`."""
         tokens = self._prompt_tokens(prompt, continuation, max_tokens, usage)
         started = time.monotonic()
-        cached = _common_prefix(self.context_tokens(), tokens)
+        cached = common_prefix(self.context_tokens(), tokens)
         # The last token is evaluated anew even when cached, as `generate` does: the context's
         # logits are then this prompt's, should the next request sample right after it.
         kept = self._keep(min(cached, len(tokens) - 1))
@@ -332,12 +334,3 @@ class LlamaCppBackend:
         # As llama.cpp's server does for ignore_eos: the end token can never be drawn.
         scores[self._llama.token_eos()] = -np.inf
         return scores
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    count = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        count += 1
-    return count
