@@ -16,10 +16,10 @@ from edgellm.kvcache import (
     ExternalBlockHash,
     prompt_block_keys,
 )
-from edgellm.kvcache.index import KVIndex
+from edgellm.kvcache.index import IPFS_HIT_VALUE, KVIndex
 from edgellm.kvcache.subscriptions import KVSubscriptions
 from edgellm.router.access import Access, Denied
-from edgellm.router.dispatch import IPFS_HIT_VALUE, Dispatcher, Job
+from edgellm.router.dispatch import Dispatcher, Job
 from edgellm.router.metrics import RouterMetrics
 from edgellm.router.peers import PeerDirectory
 from edgellm.router.policies import RoutingHistory, policy_profile, text_chunk_keys

@@ -8,12 +8,26 @@ owns the events.
 """
 
 from collections.abc import Collection, Container, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
-from edgellm.kvcache.events import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from edgellm.kvcache.events import (
+    MEDIUM_CPU,
+    MEDIUM_GPU,
+    MEDIUM_IPFS,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+)
 from edgellm.kvcache.hashing import ExternalBlockHash, external_hash
 
 K = TypeVar("K")
+
+# A prefix in IPFS counts for this much of one in a worker's memory: loading it costs a fetch
+# and a restore (0.15x of recomputing 2k tokens of the bench model, benchmarks.kv_ipfs).
+IPFS_HIT_VALUE = 0.8
+IN_MEMORY = (MEDIUM_GPU, MEDIUM_CPU)
 
 
 def leading_matches(prompt: Sequence[K], held: Container[K]) -> int:
@@ -90,6 +104,11 @@ class KVIndex:
                 best = (worker, count)
         return best
 
+    def lookup(self, prompt: Sequence[ExternalBlockHash]) -> "PromptLookup":
+        """What the index knows of one prompt: asked once per request, then per peer."""
+        in_ipfs = self.best_holder(prompt, MEDIUM_IPFS) if prompt else None
+        return PromptLookup(self, prompt, in_ipfs)
+
     def blocks_by_medium(self) -> dict[str, int]:
         """How many blocks the index knows, per medium, summed over workers."""
         totals: dict[str, int] = {}
@@ -100,3 +119,22 @@ class KVIndex:
 
     def __len__(self) -> int:
         return sum(self.blocks_by_medium().values())
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    index: KVIndex
+    prompt: Sequence[ExternalBlockHash]
+    in_ipfs: tuple[str, int] | None
+    """The peer that announced the longest prefix of the prompt in IPFS, and its blocks."""
+
+    def in_memory(self, worker: str) -> int:
+        return self.index.matched_blocks(worker, self.prompt, IN_MEMORY)
+
+    def reusable(self, held: int) -> float:
+        """The share of the prompt a peer need not compute, holding `held` leading blocks in
+        memory: those, or a prefix any peer can load from IPFS, at a discount for the fetch."""
+        if not self.prompt:
+            return 0.0
+        from_ipfs = IPFS_HIT_VALUE * self.in_ipfs[1] if self.in_ipfs else 0.0
+        return max(held, from_ipfs) / len(self.prompt)

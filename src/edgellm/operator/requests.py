@@ -242,11 +242,12 @@ class RequestRunner:
         self, session_peer: str | None, blocks: list[ExternalBlockHash]
     ) -> list[Candidate]:
         candidates = []
+        lookup = self.kv_index.lookup(blocks)
         for name, body in list(self.peers.items()):
             peer = self.peer_models.get(body)
             if isinstance(peer, ValidationError):
                 continue
-            cached = self.kv_index.matched_blocks(name, blocks) / len(blocks) if blocks else 0.0
+            cached = lookup.reusable(lookup.in_memory(name))
             candidates.append(
                 Candidate(
                     peer,

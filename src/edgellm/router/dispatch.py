@@ -24,14 +24,8 @@ from typing import Any
 import httpx
 
 from edgellm.api import InferenceRequestSpec
-from edgellm.kvcache import (
-    MEDIUM_CPU,
-    MEDIUM_GPU,
-    MEDIUM_IPFS,
-    ExternalBlockHash,
-    prompt_block_keys,
-)
-from edgellm.kvcache.index import KVIndex, leading_matches
+from edgellm.kvcache import ExternalBlockHash, prompt_block_keys
+from edgellm.kvcache.index import KVIndex, PromptLookup, leading_matches
 from edgellm.kvcache.tokens import tokenize_on_worker
 from edgellm.router.metrics import RouterMetrics
 from edgellm.router.peers import PeerDirectory
@@ -41,11 +35,6 @@ from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import decide_split
 
 logger = logging.getLogger(__name__)
-
-# A prefix in IPFS counts for this much of one in a worker's memory: loading it costs a fetch
-# and a restore (0.15x of recomputing 2k tokens of the bench model, benchmarks.kv_ipfs).
-IPFS_HIT_VALUE = 0.8
-IN_MEMORY = (MEDIUM_GPU, MEDIUM_CPU)
 
 
 class DispatchError(Exception):
@@ -220,13 +209,10 @@ class Dispatcher:
         excluded: frozenset[str],
     ) -> Decision:
         candidates = []
-        in_ipfs = self.index.best_holder(blocks, MEDIUM_IPFS) if blocks else None
+        lookup = self.index.lookup(blocks)
         for name, peer in self.peers.peers.items():
             if blocks:
-                held: float = self._held(name, blocks)
-                if in_ipfs is not None:  # any peer can load it, at a cost
-                    held = max(held, IPFS_HIT_VALUE * in_ipfs[1])
-                cached = held / len(blocks)
+                cached = lookup.reusable(self._held(lookup, name))
             elif text_keys:
                 cached = self.history.matched(name, text_keys) / len(text_keys)
             else:
@@ -246,20 +232,20 @@ class Dispatcher:
             )
         return result
 
-    def _held(self, peer: str, blocks: list[ExternalBlockHash]) -> int:
+    def _held(self, lookup: PromptLookup, peer: str) -> int:
         """The prompt's leading blocks `peer` has in memory, or is computing now."""
-        held = self.index.matched_blocks(peer, blocks, IN_MEMORY)
+        held = lookup.in_memory(peer)
         for pending in self._pending.get(peer, ()):
-            held = max(held, leading_matches(blocks, pending))
+            held = max(held, leading_matches(lookup.prompt, pending))
         return held
 
     def _from_ipfs(self, decode: Decision, blocks: list[ExternalBlockHash]) -> _KVSource | None:
         """The announcement of the longest prefix of the prompt in IPFS, when it is longer than
         what `decode` holds in memory: the decode worker loads it through its own Kubo."""
-        in_ipfs = self.index.best_holder(blocks, MEDIUM_IPFS) if blocks else None
-        if in_ipfs is None or in_ipfs[1] <= self._held(decode.peer.name, blocks):
+        lookup = self.index.lookup(blocks)
+        if lookup.in_ipfs is None or lookup.in_ipfs[1] <= self._held(lookup, decode.peer.name):
             return None
-        holder, count = in_ipfs
+        holder, count = lookup.in_ipfs
         announcer = self.peers.peers.get(holder)
         if announcer is None:
             return None
