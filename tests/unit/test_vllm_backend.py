@@ -6,7 +6,9 @@ them (vllm/entrypoints/openai/completion/serving.py): text chunks dumped with
 `exclude_unset=True`, the final usage chunk with `exclude_none=True`, then `[DONE]`.
 """
 
+import ast
 import asyncio
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from pydantic import ValidationError
 
 from edgellm.worker.llamacpp import FinishReason, Piece, PromptTooLongError, Sampling, Usage
 from edgellm.worker.vllm import (
+    IPFS_PLUGIN_CLASS,
+    IPFS_PLUGIN_MODULE,
     CompletionStream,
     Lmcache,
     NoChatTemplateError,
@@ -187,17 +191,17 @@ def test_a_worker_of_both_roles_has_no_pd_settings() -> None:
 
 def test_a_remote_storage_plugin_is_loaded_by_module_and_class() -> None:
     plugin = {
-        "name": "ipfs",
-        "modulePath": "edgellm.kvcache.lmcache_plugin",
-        "className": "IpfsConnector",
-        "options": {"api": "http://127.0.0.1:5001"},
+        "name": "shared",
+        "modulePath": "my_store.connector",
+        "className": "SharedConnector",
+        "options": {"url": "http://cache:8080"},
     }
     config = lmcache_config(settings(lmcache={"remoteStoragePlugin": plugin}))
-    assert config["remote_storage_plugins"] == ["ipfs"]
+    assert config["remote_storage_plugins"] == ["shared"]
     assert config["extra_config"] == {
-        "remote_storage_plugin.ipfs.module_path": "edgellm.kvcache.lmcache_plugin",
-        "remote_storage_plugin.ipfs.class_name": "IpfsConnector",
-        "remote_storage_plugin.ipfs.api": "http://127.0.0.1:5001",
+        "remote_storage_plugin.shared.module_path": "my_store.connector",
+        "remote_storage_plugin.shared.class_name": "SharedConnector",
+        "remote_storage_plugin.shared.url": "http://cache:8080",
     }
 
 
@@ -205,6 +209,103 @@ def test_a_remote_storage_plugin_needs_the_cpu_tier_as_its_buffer() -> None:
     plugin = RemoteStoragePlugin(name="ipfs", module_path="m", class_name="C")
     with pytest.raises(ValidationError, match="localCpu"):
         Lmcache(remote_storage_plugin=plugin, max_local_cpu_size=0)
+
+
+IPFS_EXTRA_CONFIG = {
+    "remote_storage_plugin.ipfs.module_path": "edgellm.kvcache.lmcache",
+    "remote_storage_plugin.ipfs.class_name": "IpfsConnectorAdapter",
+    "remote_storage_plugin.ipfs.api_url": "http://127.0.0.1:5001",
+    "remote_storage_plugin.ipfs.pin_cap_bytes": 20 << 30,
+    "remote_storage_plugin.ipfs.max_keys": 65536,
+    "remote_storage_plugin.ipfs.timeout": 30.0,
+}
+
+
+@pytest.mark.parametrize("role", ["both", "prefill", "decode"])
+def test_an_ipfs_api_loads_edgellms_ipfs_store_in_every_role(role: Role) -> None:
+    config = lmcache_config(settings(role=role, lmcache={"ipfs": {"api": "http://127.0.0.1:5001"}}))
+    assert config["remote_storage_plugins"] == ["ipfs"]
+    assert config["extra_config"] == IPFS_EXTRA_CONFIG
+    # The remote backend stages chunks in the CPU tier; a plugin needs no remote_url.
+    assert config["local_cpu"] is True
+    assert config["max_local_cpu_size"] > 0
+    assert "remote_url" not in config
+    assert config.get("enable_pd", False) is (role != "both")
+
+
+def test_without_an_ipfs_api_no_store_is_loaded() -> None:
+    assert not {"remote_storage_plugins", "extra_config"} & lmcache_config(settings()).keys()
+
+
+def test_the_ipfs_store_takes_its_cap_index_file_and_timeout() -> None:
+    ipfs = {
+        "api": "http://10.0.0.5:5001",
+        "pinCapGb": 2,
+        "indexPath": "/var/lib/edgellm/lmcache-ipfs.jsonl",
+        "maxKeys": 1000,
+        "timeout": 5,
+    }
+    extra = lmcache_config(settings(lmcache={"ipfs": ipfs}))["extra_config"]
+    assert extra["remote_storage_plugin.ipfs.api_url"] == "http://10.0.0.5:5001"
+    assert extra["remote_storage_plugin.ipfs.pin_cap_bytes"] == 2 << 30
+    assert extra["remote_storage_plugin.ipfs.index_path"] == "/var/lib/edgellm/lmcache-ipfs.jsonl"
+    assert extra["remote_storage_plugin.ipfs.max_keys"] == 1000
+    assert extra["remote_storage_plugin.ipfs.timeout"] == 5.0
+
+
+@pytest.mark.parametrize("api", ["127.0.0.1:5001", "", "ftp://host:5001"])
+def test_the_ipfs_api_must_be_an_http_url(api: str) -> None:
+    with pytest.raises(ValidationError, match="api"):
+        Lmcache.model_validate({"ipfs": {"api": api}})
+
+
+def test_the_ipfs_store_needs_the_cpu_tier_as_its_buffer() -> None:
+    with pytest.raises(ValidationError, match="localCpu"):
+        Lmcache.model_validate({"ipfs": {"api": "http://127.0.0.1:5001"}, "localCpu": False})
+
+
+def test_another_plugin_loads_beside_the_ipfs_store_but_not_under_its_name() -> None:
+    other = {"name": "shared", "modulePath": "my_store", "className": "C"}
+    config = lmcache_config(
+        settings(lmcache={"remoteStoragePlugin": other, "ipfs": {"api": "http://127.0.0.1:5001"}})
+    )
+    assert config["remote_storage_plugins"] == ["shared", "ipfs"]
+    assert config["extra_config"]["remote_storage_plugin.shared.class_name"] == "C"
+    assert IPFS_EXTRA_CONFIG.items() <= config["extra_config"].items()
+    with pytest.raises(ValidationError, match="IPFS store's"):
+        Lmcache.model_validate(
+            {"remoteStoragePlugin": {**other, "name": "ipfs"}, "ipfs": {"api": "http://x:1"}}
+        )
+
+
+def test_the_ipfs_plugin_names_a_module_and_class_that_exist() -> None:
+    # Read, not imported: the module imports lmcache, which only the gpu extra installs.
+    spec = importlib.util.find_spec(IPFS_PLUGIN_MODULE)
+    assert spec is not None
+    assert spec.origin is not None
+    tree = ast.parse(Path(spec.origin).read_text())
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert IPFS_PLUGIN_CLASS in classes
+
+
+@pytest.mark.parametrize("role", ["both", "prefill", "decode"])
+def test_lmcaches_own_loader_reads_the_ipfs_store_settings(role: Role, tmp_path: Path) -> None:
+    lmcache_v1_config = pytest.importorskip(
+        "lmcache.v1.config", reason="LMCache's config loader comes with the gpu extra"
+    )
+    generated = lmcache_config(
+        settings(role=role, lmcache={"ipfs": {"api": "http://127.0.0.1:5001"}})
+    )
+    path = tmp_path / "lmcache.yaml"
+    path.write_text(yaml.safe_dump(generated))
+    config = lmcache_v1_config.LMCacheEngineConfig.from_file(str(path))
+    config.validate()
+    assert not generated.keys() - config._config_definitions.keys()  # no key LMCache ignores
+    assert config.remote_storage_plugins == ["ipfs"]
+    assert config.extra_config == IPFS_EXTRA_CONFIG
+    assert config.local_cpu is True
+    assert config.max_local_cpu_size > 0
+    assert config.remote_url is None
 
 
 def test_a_remote_url_is_passed_only_when_set() -> None:

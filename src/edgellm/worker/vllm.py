@@ -18,6 +18,10 @@ Flags, JSON keys and YAML keys were read from the sources of vllm 0.33.0
 `vllm/entrypoints/common/cli_args.py`, `vllm/entrypoints/openai/completion/`) and lmcache
 0.5.6 (`lmcache/v1/config.py`, `lmcache/v1/storage_backend/pd_backend_async.py`,
 `lmcache/integration/vllm/vllm_v1_adapter.py`), and LMCache's `examples/disagg_prefill`.
+With `lmcache.ipfs` set, LMCache also keeps its chunks in this peer's IPFS daemon through
+EdgeLLM's remote storage plugin (`edgellm.kvcache.lmcache`, loaded by LMCache inside vLLM; it
+is read from `lmcache/v1/storage_backend/connector/__init__.py`: `remote_storage_plugins` and
+`extra_config` keys `remote_storage_plugin.<name>.module_path` / `.class_name` / options).
 
 Errors::
 
@@ -62,6 +66,11 @@ choice whose hashes another process (the KV index) can recompute."""
 BLOCK_SIZE: Final = DEFAULT_BLOCK_SIZE
 """Tokens per vLLM KV block, the unit of KV events and of the index (which hashes with it)."""
 LMCACHE_CONNECTOR: Final = "LMCacheConnectorV1"
+IPFS_PLUGIN_NAME: Final = "ipfs"
+"""The IPFS store's name in `remote_storage_plugins`: LMCache hands a plugin named `ipfs` (or
+`ipfs.<instance>`) to the adapter below, which matches plugins by that type."""
+IPFS_PLUGIN_MODULE: Final = "edgellm.kvcache.lmcache"
+IPFS_PLUGIN_CLASS: Final = "IpfsConnectorAdapter"
 
 # vLLM's kv_role for each EdgeLLM role (vllm/config/kv_transfer.py: KVRole).
 _KV_ROLES: Final[dict[Role, str]] = {
@@ -126,6 +135,36 @@ class RemoteStoragePlugin(Model):
     """The plugin's own settings, given to it as `remote_storage_plugin.<name>.<key>`."""
 
 
+class IpfsStore(Model):
+    """LMCache's chunks in this peer's Kubo daemon, shared with other peers over IPFS."""
+
+    model_config = ConfigDict(frozen=True)
+
+    api: str = Field(pattern=r"^https?://[^\s/]+", max_length=2048)
+    """The Kubo RPC API, e.g. http://127.0.0.1:5001."""
+    pin_cap_gb: float = Field(default=20.0, gt=0)
+    """GB of chunks kept pinned; the least recently used are unpinned first."""
+    index_path: str | None = Field(default=None, min_length=1)
+    """A file that remembers which IPFS manifest holds each LMCache chunk, so that a restarted
+    worker finds the chunks it stored; in memory only when unset."""
+    max_keys: int = Field(default=65536, gt=0)
+    """Chunks the index remembers, the least recently used forgotten first."""
+    timeout: float = Field(default=30.0, gt=0)
+    """Seconds one IPFS call may take."""
+
+    def options(self) -> dict[str, str | int | float | bool]:
+        """The plugin's own settings (edgellm.kvcache.lmcache reads them by these names)."""
+        options: dict[str, str | int | float | bool] = {
+            "api_url": self.api,
+            "pin_cap_bytes": int(self.pin_cap_gb * (1 << 30)),  # GB as LMCache counts them
+            "max_keys": self.max_keys,
+            "timeout": self.timeout,
+        }
+        if self.index_path is not None:
+            options["index_path"] = self.index_path
+        return options
+
+
 class Disaggregation(Model):
     """How a prefill worker sends KV to a decode worker through LMCache (its P/D backend)."""
 
@@ -166,7 +205,9 @@ class Lmcache(Model):
     remote_url: str | None = None
     """An LMCache server (`lm://host:port`); LMCache 0.5.6 deprecates it for plugins."""
     remote_storage_plugin: RemoteStoragePlugin | None = None
-    """A remote store of chunks shared between peers."""
+    """Another remote store of chunks, loaded by module and class."""
+    ipfs: IpfsStore | None = None
+    """Keep chunks in this peer's IPFS daemon (EdgeLLM's plugin), where other peers find them."""
     disaggregation: Disaggregation = Field(default_factory=Disaggregation)
     """The P/D transfer, used when the worker's role is prefill or decode."""
 
@@ -175,9 +216,27 @@ class Lmcache(Model):
         if self.chunk_size % BLOCK_SIZE:
             raise ValueError(f"chunkSize must be a multiple of vLLM's {BLOCK_SIZE}-token blocks")
         # LMCache's remote backends stage chunks in the local CPU tier.
-        if self.remote_storage_plugin and not (self.local_cpu and self.max_local_cpu_size > 0):
+        remote = self.remote_storage_plugin is not None or self.ipfs is not None
+        if remote and not (self.local_cpu and self.max_local_cpu_size > 0):
             raise ValueError("a remote storage plugin needs localCpu and maxLocalCpuSize > 0")
+        plugin = self.remote_storage_plugin
+        if self.ipfs is not None and plugin is not None and plugin.name == IPFS_PLUGIN_NAME:
+            raise ValueError(f"the plugin name {IPFS_PLUGIN_NAME!r} is the IPFS store's")
         return self
+
+    def plugins(self) -> list[RemoteStoragePlugin]:
+        """The remote storage plugins LMCache loads, the IPFS store last."""
+        plugins = [self.remote_storage_plugin] if self.remote_storage_plugin else []
+        if self.ipfs is not None:
+            plugins.append(
+                RemoteStoragePlugin(
+                    name=IPFS_PLUGIN_NAME,
+                    module_path=IPFS_PLUGIN_MODULE,
+                    class_name=IPFS_PLUGIN_CLASS,
+                    options=self.ipfs.options(),
+                )
+            )
+        return plugins
 
 
 class VllmSettings(Model):
@@ -319,15 +378,17 @@ def lmcache_config(settings: VllmSettings) -> dict[str, Any]:
     }
     if lm.remote_url:
         config["remote_url"] = lm.remote_url
-    plugin = lm.remote_storage_plugin
-    if plugin is not None:
-        prefix = f"remote_storage_plugin.{plugin.name}"
-        config["remote_storage_plugins"] = [plugin.name]
-        config["extra_config"] = {
-            f"{prefix}.module_path": plugin.module_path,
-            f"{prefix}.class_name": plugin.class_name,
-            **{f"{prefix}.{key}": value for key, value in plugin.options.items()},
-        }
+    plugins = lm.plugins()
+    if plugins:
+        config["remote_storage_plugins"] = [plugin.name for plugin in plugins]
+        config["extra_config"] = {}
+        for plugin in plugins:
+            prefix = f"remote_storage_plugin.{plugin.name}"
+            config["extra_config"] |= {
+                f"{prefix}.module_path": plugin.module_path,
+                f"{prefix}.class_name": plugin.class_name,
+                **{f"{prefix}.{key}": value for key, value in plugin.options.items()},
+            }
     if settings.role == "both":
         return config
     pd = lm.disaggregation
