@@ -34,11 +34,13 @@ bench: setup tools  ## benchmarks at full size; figures in bench-results/
 	$(BIN)/python -m benchmarks.federation --peers 1000 --out bench-results/federation.json
 	$(BIN)/python -m benchmarks.inference_requests --out bench-results/requests.json
 	$(BIN)/python -m benchmarks.router --out bench-results/router.json
+	$(BIN)/python -m benchmarks.kv_ipfs --out bench-results/kv-ipfs.json
 
 bench-smoke: setup tools  ## the benchmarks at a size that takes a minute each
 	$(BIN)/python -m benchmarks.federation --peers 120 --out bench-results/federation-smoke.json
 	$(BIN)/python -m benchmarks.inference_requests --smoke --out bench-results/requests-smoke.json
 	$(BIN)/python -m benchmarks.router --smoke --out bench-results/router-smoke.json
+	$(BIN)/python -m benchmarks.kv_ipfs --smoke --out bench-results/kv-ipfs-smoke.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
