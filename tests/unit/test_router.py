@@ -30,7 +30,9 @@ NOW = "2026-01-01T00:00:00Z"
 SECRET = {"alice": base64.b64encode(b"sk-alice").decode()}
 
 
-def _body(name: str, cluster: str = "home", ready: str = "True") -> dict[str, Any]:
+def _body(
+    name: str, cluster: str = "home", ready: str = "True", model: str = "m"
+) -> dict[str, Any]:
     condition = {"type": "Ready", "status": ready, "reason": "R", "lastTransitionTime": NOW}
     return {
         "metadata": {"name": name, "resourceVersion": "1"},
@@ -40,7 +42,7 @@ def _body(name: str, cluster: str = "home", ready: str = "True") -> dict[str, An
             "roles": ["decode"],
             "backends": ["llamacpp"],
             "resources": {"cpu": "4", "memory": "8Gi"},
-            "models": [{"name": "m", "format": "gguf"}],
+            "models": [{"name": model, "format": "gguf"}],
         },
         "status": {"conditions": [condition]},
     }
@@ -195,7 +197,7 @@ def test_a_prefix_in_ipfs_counts_for_every_peer_and_is_loaded_from_its_announcer
     decision = dispatcher._route(Job("j", spec), blocks, [], frozenset())
     # Three blocks in IPFS are worth more than one in memory, discounted for the fetch.
     assert decision.peer.cached_fraction == pytest.approx(IPFS_HIT_VALUE * 3 / 4)
-    source = dispatcher._from_ipfs(decision, blocks)
+    source = dispatcher._from_ipfs(Job("j", spec), decision, blocks)
     assert source is not None
     assert source.kv_from == f"http://a:8600/v1/kv/ipfs/{blocks[2]}"
     assert not source.prefilled
@@ -204,3 +206,18 @@ def test_a_prefix_in_ipfs_counts_for_every_peer_and_is_loaded_from_its_announcer
 
 def _stored(hashes: list[ExternalBlockHash], medium: str) -> BlockStored:
     return BlockStored(hashes, None, [0] * 16 * len(hashes), 16, None, medium, None)
+
+
+def test_kv_in_ipfs_of_another_models_peer_is_not_offered() -> None:
+    # Block hashes name tokens, not models: the same tokens of another model are another KV.
+    peers = PeerDirectory(None, KVSubscriptions(KVIndex()))
+    peers.set_peers([_body("a", model="other"), _body("b")])
+    blocks = prompt_block_keys(list(range(64)), seed="0")
+    peers.kv.index.apply("a", [_stored(blocks, MEDIUM_IPFS)])
+    dispatcher = Dispatcher(peers, peers.kv.index, httpx.AsyncClient(), RouterMetrics())
+    job = Job("j", CompletionRequest.model_validate({"model": "m", "prompt": "p"}).spec())
+    decision = dispatcher._route(job, blocks, [], frozenset())
+    assert decision.peer.name == "b"
+    assert decision.peer.cached_fraction == 0.0
+    assert dispatcher._from_ipfs(job, decision, blocks) is None
+    asyncio.run(peers.kv.stop())

@@ -93,20 +93,28 @@ class KVIndex:
         return count
 
     def best_holder(
-        self, prompt: Sequence[ExternalBlockHash], medium: str
+        self,
+        prompt: Sequence[ExternalBlockHash],
+        medium: str,
+        among: Collection[str] | None = None,
     ) -> tuple[str, int] | None:
-        """The worker holding most of the prompt's leading blocks in `medium`, and how many;
-        None when none holds the first."""
+        """The worker (of `among`, default any) holding most of the prompt's leading blocks in
+        `medium`, and how many; None when none holds the first."""
         best = None
         for worker, mediums in self._blocks.items():
             held = mediums.get(medium)
-            if held and (count := leading_matches(prompt, held)) and count > (best or ("", 0))[1]:
+            if not held or (among is not None and worker not in among):
+                continue
+            if (count := leading_matches(prompt, held)) and count > (best or ("", 0))[1]:
                 best = (worker, count)
         return best
 
-    def lookup(self, prompt: Sequence[ExternalBlockHash]) -> "PromptLookup":
-        """What the index knows of one prompt: asked once per request, then per peer."""
-        in_ipfs = self.best_holder(prompt, MEDIUM_IPFS) if prompt else None
+    def lookup(
+        self, prompt: Sequence[ExternalBlockHash], model_holders: Collection[str]
+    ) -> "PromptLookup":
+        """What the index knows of one prompt: asked once per request, then per peer. Block
+        hashes do not name the model, so only KV from peers of the prompt's model counts."""
+        in_ipfs = self.best_holder(prompt, MEDIUM_IPFS, model_holders) if prompt else None
         return PromptLookup(self, prompt, in_ipfs)
 
     def blocks_by_medium(self) -> dict[str, int]:

@@ -127,7 +127,7 @@ class RequestRunner:
             blocks = await self._prompt_blocks(spec, prompt)
             while True:
                 warm = self.sessions.peer(session, time.monotonic()) if session else None
-                candidates = self._candidates(warm, blocks)
+                candidates = self._candidates(spec.model, warm, blocks)
                 decision = self._schedule(spec, candidates, frozenset(excluded))
                 split = self._split(spec, candidates, decision, prompt, excluded)
                 peer = PeerName(decision.peer.name)
@@ -239,14 +239,17 @@ class RequestRunner:
         return {"prompt": value}
 
     def _candidates(
-        self, session_peer: str | None, blocks: list[ExternalBlockHash]
+        self, model: str, session_peer: str | None, blocks: list[ExternalBlockHash]
     ) -> list[Candidate]:
+        peers = [
+            (name, peer)
+            for name, body in list(self.peers.items())
+            if not isinstance(peer := self.peer_models.get(body), ValidationError)
+        ]
+        holders = {name for name, peer in peers if any(m.name == model for m in peer.spec.models)}
+        lookup = self.kv_index.lookup(blocks, holders)
         candidates = []
-        lookup = self.kv_index.lookup(blocks)
-        for name, body in list(self.peers.items()):
-            peer = self.peer_models.get(body)
-            if isinstance(peer, ValidationError):
-                continue
+        for name, peer in peers:
             cached = lookup.reusable(lookup.in_memory(name))
             candidates.append(
                 Candidate(

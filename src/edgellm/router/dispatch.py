@@ -171,7 +171,7 @@ class Dispatcher:
                 split = (
                     await self._prefill(job, decision, blocks, excluded) if attempt == 1 else None
                 )
-                source = split or self._from_ipfs(decision, blocks)
+                source = split or self._from_ipfs(job, decision, blocks)
                 async for piece in self._generate(job, decision, attempt, progress, source):
                     yield piece
                 return
@@ -209,7 +209,7 @@ class Dispatcher:
         excluded: frozenset[str],
     ) -> Decision:
         candidates = []
-        lookup = self.index.lookup(blocks)
+        lookup = self.index.lookup(blocks, self._holder_names(job))
         for name, peer in self.peers.peers.items():
             if blocks:
                 cached = lookup.reusable(self._held(lookup, name))
@@ -239,10 +239,15 @@ class Dispatcher:
             held = max(held, leading_matches(lookup.prompt, pending))
         return held
 
-    def _from_ipfs(self, decode: Decision, blocks: list[ExternalBlockHash]) -> _KVSource | None:
+    def _holder_names(self, job: Job) -> set[str]:
+        return {p.metadata.name for p in self.peers.holders(job.spec.model)}
+
+    def _from_ipfs(
+        self, job: Job, decode: Decision, blocks: list[ExternalBlockHash]
+    ) -> _KVSource | None:
         """The announcement of the longest prefix of the prompt in IPFS, when it is longer than
         what `decode` holds in memory: the decode worker loads it through its own Kubo."""
-        lookup = self.index.lookup(blocks)
+        lookup = self.index.lookup(blocks, self._holder_names(job))
         if lookup.in_ipfs is None or lookup.in_ipfs[1] <= self._held(lookup, decode.peer.name):
             return None
         holder, count = lookup.in_ipfs
