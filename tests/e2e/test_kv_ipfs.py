@@ -5,6 +5,8 @@ each worker with its own."""
 import asyncio
 import json
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import yaml
 import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -44,6 +47,7 @@ T = TypeVar("T")
 GREEDY = {"maxTokens": 12, "temperature": 0, "ignoreEos": True}
 PIN_CAP = 1 << 20  # bytes: a few states of 600-token prompts of the tiny model
 SEED = "0"
+NOW = "2026-01-01T00:00:00Z"
 
 
 def prompt(label: str, words: int = 600) -> str:
@@ -76,9 +80,10 @@ def key_a(keys: Path) -> Ed25519PrivateKey:
 
 
 class Peer:
-    def __init__(self, url: str, events: zmq.Socket[bytes]) -> None:
+    def __init__(self, url: str, events: zmq.Socket[bytes], publisher: str) -> None:
         self.url = url
         self.events = events
+        self.publisher = publisher  # its KV events' endpoint, for routers to follow
         self.seen: list[KVEvent] = []
 
     def generate(self, text: str, **fields: Any) -> dict[str, Any]:
@@ -133,7 +138,7 @@ def _worker(model: Path, node: str, key: Path, *options: str) -> Iterator[Peer]:
     ):
         sub.connect(f"tcp://127.0.0.1:{port}")
         sub.subscribe(b"")
-        yield Peer(worker.url, sub)
+        yield Peer(worker.url, sub, f"tcp://127.0.0.1:{port}")
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +373,73 @@ def test_with_its_ipfs_daemon_stopped_a_worker_recomputes_and_answers(
         assert time.monotonic() - started < 30
     finally:
         swarm.start(1)
+
+
+def _peer_body(name: str, peer: Peer, running: int) -> dict[str, Any]:
+    """The PeerNode `edgellm join` would write for `peer`, for a router's --peers-file."""
+    ready = {"type": "Ready", "status": "True", "reason": "Up", "lastTransitionTime": NOW}
+    return {
+        "apiVersion": "edgellm.io/v1alpha1",
+        "kind": "PeerNode",
+        "metadata": {"name": name, "resourceVersion": "1"},
+        "spec": {
+            "cluster": "home",
+            "endpoint": peer.url,
+            "roles": ["prefill", "decode"],
+            "backends": ["llamacpp"],
+            "resources": {"cpu": "2", "memory": "4Gi"},
+            "models": [{"name": TINY.name, "format": "gguf"}],
+            "kvEvents": {"endpoint": peer.publisher},
+        },
+        "status": {"conditions": [ready], "load": {"runningRequests": running}},
+    }
+
+
+def test_a_router_sends_a_prompt_whose_prefix_is_in_ipfs_to_load_it_there(
+    worker_a: Peer, worker_b: Peer, tmp_path: Path
+) -> None:
+    peers = tmp_path / "peers.yaml"
+    # A is busy: the router prefers idle B, which must then load A's KV rather than compute.
+    bodies = [_peer_body("announcer", worker_a, running=3), _peer_body("loader", worker_b, 0)]
+    peers.write_text(yaml.safe_dump_all(bodies))
+    port = free_port()
+    with (tmp_path / "router.log").open("wb") as log:
+        router = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "edgellm", "router", f"--peers-file={peers}"),
+                *("--anonymous", f"--port={port}", f"--hash-seed={SEED}", "--verbose"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        eventually(lambda: _answers(f"{url}/healthz"), 60, "the router answers")
+        text = prompt("routed")
+        chain, _ = saved(worker_a, text)
+        asked = {"model": TINY.name, "prompt": text + " and more", "max_tokens": 4}
+
+        def in_ipfs() -> bool:
+            found = httpx.post(f"{url}/v1/kv/lookup", json=asked, timeout=30).json()["inIPFS"]
+            return bool(found == {"peer": "announcer", "blocks": len(chain)})
+
+        eventually(in_ipfs, 30, "the router's index holds A's announced prefix in IPFS")
+        loaded = worker_b.transfers("loaded")
+        answer = httpx.post(f"{url}/v1/completions", json=asked, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-edgellm-peer"] == "loader"
+        cached = answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached >= len(chain) * 16
+        assert worker_b.transfers("loaded") == loaded + 1
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'edgellm_router_kv_loads_total{source="ipfs"} 1.0' in metrics
+    finally:
+        router.terminate()
+        router.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -275,6 +275,24 @@ def create_app(
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=peer)
 
+    @app.post("/v1/kv/lookup", response_model=None)
+    async def kv_lookup(request: Request) -> Response:
+        """A completion or chat body's prompt, looked up in the KV index without running it."""
+        caller = access.check(request.headers.get("authorization"))
+        if isinstance(caller, Denied):
+            return denied(caller)
+        try:
+            raw = json.loads(await _read_body(request, settings.max_body_bytes))
+            kind = ChatCompletionRequest if "messages" in raw else CompletionRequest
+            job = Job(uuid.uuid4().hex, kind.model_validate(raw).spec())
+        except _BodyTooLargeError:
+            return error_response(413, f"the body is larger than {settings.max_body_bytes} bytes")
+        except ValidationError as e:
+            return _validation_error(e)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            return error_response(400, "the body is not a JSON object")
+        return JSONResponse(await dispatcher.explain(job))
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Response:
         return await complete(request, "chat", ChatCompletionRequest.model_validate)

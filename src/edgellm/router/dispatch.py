@@ -185,6 +185,19 @@ class Dispatcher:
                 self._pending[peer].remove(pending)
         raise NoWorkerError(f"{self.max_attempts} workers failed this request in turn")
 
+    async def explain(self, job: Job) -> dict[str, Any]:
+        """What the router knows of a prompt's KV, without routing it: blocks held in each
+        peer's memory, and the longest prefix in IPFS (for people, and for tests to wait on)."""
+        blocks, _ = await self._prompt_keys(job)
+        lookup = self.index.lookup(blocks, self._holder_names(job))
+        in_memory = {name: self._held(lookup, name) for name in self._holder_names(job)}
+        in_ipfs = lookup.in_ipfs
+        return {
+            "blocks": len(blocks),
+            "inMemory": {name: held for name, held in in_memory.items() if held},
+            "inIPFS": {"peer": in_ipfs[0], "blocks": in_ipfs[1]} if in_ipfs else None,
+        }
+
     async def _prompt_keys(self, job: Job) -> tuple[list[ExternalBlockHash], list[int]]:
         """What the policy looks the prompt up by: KV block hashes, or text chunk hashes."""
         if self.policy == "approx-prefix":
@@ -248,7 +261,8 @@ class Dispatcher:
         """The announcement of the longest prefix of the prompt in IPFS, when it is longer than
         what `decode` holds in memory: the decode worker loads it through its own Kubo."""
         lookup = self.index.lookup(blocks, self._holder_names(job))
-        if lookup.in_ipfs is None or lookup.in_ipfs[1] <= self._held(lookup, decode.peer.name):
+        # In memory only: what the peer is computing now includes this very request.
+        if lookup.in_ipfs is None or lookup.in_ipfs[1] <= lookup.in_memory(decode.peer.name):
             return None
         holder, count = lookup.in_ipfs
         announcer = self.peers.peers.get(holder)
