@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import urllib3
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from kubernetes import client
@@ -130,9 +131,12 @@ def create_app(
                 )
                 access.set_secret(secret.data)
             except client.ApiException as e:
-                if e.status != 404:
-                    logger.warning("cannot read the API keys: %s", e.reason)
-                access.set_secret(None)  # no Secret: no key is valid
+                if e.status == 404:
+                    access.set_secret(None)  # no Secret: no key is valid
+                else:
+                    logger.warning("cannot read the API keys, keeping those known: %s", e.reason)
+            except (urllib3.exceptions.HTTPError, OSError) as e:  # the cluster is away
+                logger.warning("cannot read the API keys, keeping those known: %s", e)
             await asyncio.sleep(settings.keys_refresh_seconds)
 
     @asynccontextmanager
