@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Provides the pinned tool binaries EdgeLLM's local clusters, tests and charts need, in a cache
 # outside the repository: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# KWOK, Helm and Kubo (the `ipfs` daemon).
+# KWOK, Helm, Kubo (the `ipfs` daemon), and Prometheus' `promtool` and `prometheus` (the metrics
+# tests lint every /metrics page with promtool and query the dashboards' expressions through a real
+# server).
 #
 # Each tool is downloaded as an official release where that works (EDGELLM_TOOLS_SOURCE=auto, the
 # default) and otherwise built from the Go module proxy: Helm and KWOK with `go install`, the
@@ -10,6 +12,12 @@
 # kube-apiserver reads it. A tool whose cached version matches is skipped, so a second
 # run takes seconds.
 #
+# First-run cost of promtool and prometheus: the release archive (about 120 MB, both binaries)
+# downloads in seconds; without GitHub, `go install` from the module proxy fetches their modules
+# and compiles in about 7 minutes on two shared cores (promtool), then 80 s more (prometheus,
+# sharing the module and build caches). Built so, the server lacks its web UI's assets: the tests
+# use its HTTP API only.
+#
 # usage: hack/tools.sh [TOOL...]         (default: every tool)
 #   EDGELLM_CACHE         cache root (default ~/.cache/edgellm); binaries land in $EDGELLM_CACHE/bin
 #   EDGELLM_TOOLS_SOURCE  auto | download | build
@@ -17,6 +25,7 @@ set -euo pipefail
 
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.21.4
+PROMETHEUS_VERSION=v3.16.0  # the Go module's tag is v0.316.0: see prometheus_module_version
 
 HACK_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${EDGELLM_CACHE:-$HOME/.cache/edgellm}
@@ -27,7 +36,7 @@ ARCH=$(go env GOARCH 2>/dev/null || echo amd64)
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod
 mkdir -p "$BIN" "$LOGS"
 
-ALL_TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwok-stages.yaml helm ipfs)
+ALL_TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwok-stages.yaml helm ipfs promtool prometheus)
 # KWOK's upstream stages (node-initialize, lease heartbeats, pod-fast): how fake nodes and pods
 # change state. kwokctl embeds them; the kwok binary needs them as configuration.
 KWOK_STAGES=(node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml
@@ -44,6 +53,7 @@ version_of() {
     kwok|kwok-stages.yaml) echo "$KWOK_VERSION" ;;
     helm) echo "$HELM_VERSION" ;;
     ipfs) wrapper_version kubo github.com/ipfs/kubo ;;
+    promtool|prometheus) echo "$PROMETHEUS_VERSION" ;;
     *) echo "unknown tool '$1' (known: ${ALL_TOOLS[*]})" >&2; return 1 ;;
   esac
 }
@@ -68,6 +78,9 @@ release_url() {
     kwok) echo "https://github.com/kubernetes-sigs/kwok/releases/download/$v/kwok-linux-$ARCH" ;;
     helm) echo "https://get.helm.sh/helm-$v-linux-$ARCH.tar.gz linux-$ARCH/helm" ;;
     ipfs) echo "https://dist.ipfs.tech/kubo/$v/kubo_${v}_linux-$ARCH.tar.gz kubo/ipfs" ;;
+    promtool|prometheus)
+      local dir="prometheus-${v#v}.linux-$ARCH"
+      echo "https://github.com/prometheus/prometheus/releases/download/$v/$dir.tar.gz $dir/$tool" ;;
   esac
 }
 
@@ -98,6 +111,12 @@ go_install() { # package@version, version variable=value, out: a plain `go insta
     mv "$gobin"/* "$3" && rmdir "$gobin"
 }
 
+prometheus_module_version() { # v3.16.0 -> v0.316.0, the tag of the release's Go module
+  local major minor patch
+  IFS=. read -r major minor patch <<<"${1#v}"
+  printf 'v0.%d%02d.%s\n' "$major" "$minor" "$patch"
+}
+
 build() { # tool version out log
   local tool=$1 v=$2 out=$3 log=$4
   case $tool in
@@ -121,6 +140,9 @@ build() { # tool version out log
       done >"$out" ;;
     helm)
       go_install "helm.sh/helm/v3/cmd/helm@$v" "helm.sh/helm/v3/internal/version.version=$v" "$out" ;;
+    promtool|prometheus)
+      go_install "github.com/prometheus/prometheus/cmd/$tool@$(prometheus_module_version "$v")" \
+        "github.com/prometheus/common/version.Version=${v#v}" "$out" ;;
   esac >>"$log" 2>&1
 }
 

@@ -1,8 +1,14 @@
-"""The operator's Prometheus metrics, on their own registry so tests and processes don't mix."""
+"""The operator's Prometheus metrics, on their own registry so tests and processes don't mix.
+
+Names follow Prometheus' conventions: base units in the name (seconds, bytes), `_total` only on
+counters (added by the client), a label only where it splits the series usefully.
+"""
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_SCHEDULING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5)
 
 
 @dataclass
@@ -14,6 +20,24 @@ class OperatorMetrics:
             "edgellm_operator_peers",
             "PeerNodes this cluster sees, by owning cluster and state.",
             ["cluster", "state"],
+            registry=self.registry,
+        )
+        self.heartbeat = Gauge(
+            "edgellm_operator_peer_last_heartbeat_timestamp_seconds",
+            "When each peer this cluster sees last reported in (Unix time).",
+            ["cluster", "peer"],
+            registry=self.registry,
+        )
+        self.kv_cache_usage = Gauge(
+            "edgellm_operator_peer_kv_cache_usage_ratio",
+            "Share of each peer's KV cache in use at its last heartbeat.",
+            ["cluster", "peer"],
+            registry=self.registry,
+        )
+        self.accelerators = Gauge(
+            "edgellm_operator_peer_accelerators",
+            "Accelerator devices of the Ready peers, by owning cluster: the federation's capacity.",
+            ["cluster"],
             registry=self.registry,
         )
         self.members = Gauge(
@@ -32,5 +56,24 @@ class OperatorMetrics:
             "edgellm_operator_mirror_sync_duration_seconds",
             "Time to reconcile this cluster's mirrors in one member.",
             ["member"],
+            registry=self.registry,
+        )
+        self.reconcile_duration = Histogram(
+            "edgellm_operator_reconcile_duration_seconds",
+            "Time of one reconciliation, by controller: a peer-health pass over every peer, or"
+            " one labelled Node.",
+            ["controller"],
+            registry=self.registry,
+        )
+        self.request_phases = Counter(
+            "edgellm_operator_inference_requests",
+            "InferenceRequests that entered each phase; Scheduled counts every attempt.",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.scheduling_duration = Histogram(
+            "edgellm_operator_scheduling_duration_seconds",
+            "Time to choose an InferenceRequest's peer (and a prefill peer to split with).",
+            buckets=_SCHEDULING_BUCKETS,
             registry=self.registry,
         )

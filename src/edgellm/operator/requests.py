@@ -39,6 +39,7 @@ from edgellm.kvcache import ExternalBlockHash, prompt_block_keys
 from edgellm.kvcache.index import KVIndex
 from edgellm.kvcache.tokens import tokenize_on_worker
 from edgellm.operator.events import EventRecorder
+from edgellm.operator.metrics import OperatorMetrics
 from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import SplitDecision, decide_split
@@ -89,6 +90,7 @@ class RequestRunner:
         kv_index: KVIndex | None = None,
         kv_hash_seed: str = "0",
         peer_models: PeerModels | None = None,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.local = local
         self.cluster = cluster
@@ -102,6 +104,7 @@ class RequestRunner:
         self.kv_hash_seed = kv_hash_seed
         self.in_flight: Counter[str] = Counter()  # generations running now, by peer
         self.peer_models = PeerModels() if peer_models is None else peer_models
+        self.metrics = OperatorMetrics() if metrics is None else metrics
         self._client: httpx.AsyncClient | None = None
 
     async def run(self, body: Body, stopped: asyncio.Event) -> None:
@@ -128,8 +131,9 @@ class RequestRunner:
             while True:
                 warm = self.sessions.peer(session, time.monotonic()) if session else None
                 candidates = self._candidates(spec.model, warm, blocks)
-                decision = self._schedule(spec, candidates, frozenset(excluded))
-                split = self._split(spec, candidates, decision, prompt, excluded)
+                with self.metrics.scheduling_duration.time():
+                    decision = self._schedule(spec, candidates, frozenset(excluded))
+                    split = self._split(spec, candidates, decision, prompt, excluded)
                 peer = PeerName(decision.peer.name)
                 status.assignment.decode_peer = status.assignment.prefill_peer = peer
                 status.assignment.cluster = decision.peer.peer.spec.cluster
@@ -470,6 +474,7 @@ class RequestRunner:
         status.observed_generation = body["metadata"].get("generation")
         await asyncio.to_thread(self._write, body, status)
         await asyncio.to_thread(self.events.record, body, "Normal", reason, message)
+        self.metrics.request_phases.labels(phase=status.phase).inc()
 
     async def _finish(
         self, body: Body, status: InferenceRequestStatus, phase: Phase, reason: str, message: str
@@ -489,6 +494,7 @@ class RequestRunner:
             body["metadata"].get("generation"),
         )
         await asyncio.to_thread(self._write, body, status)
+        self.metrics.request_phases.labels(phase=phase).inc()
 
     def _store_output(self, body: Body, text: str) -> ConfigMapRef:
         config_map = _output_config_map(body, text)

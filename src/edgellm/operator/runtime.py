@@ -87,6 +87,7 @@ class Runtime:
             self.kv_events.index,
             settings.kv_hash_seed,
             self.peer_models,
+            metrics,
         )
         self.syncers: dict[str, MemberSyncer] = {}
         # False while this cluster's own apiserver fails: our view of our peers is then stale,
@@ -139,12 +140,15 @@ class Runtime:
         grace = timedelta(seconds=self.settings.peer_removal_grace_seconds)
         while True:
             now = _now()
+            started = time.perf_counter()
             for body in list(self.peers.values()):
                 try:
                     await self._check_peer(body, now, grace)
                 except Exception:
                     logger.exception("checking peer %s failed", body["metadata"]["name"])
             self._count_peers()
+            seconds = time.perf_counter() - started
+            self.metrics.reconcile_duration.labels(controller="peer-health").observe(seconds)
             await asyncio.sleep(self.settings.health_interval_seconds)
 
     async def _check_peer(self, body: Body, now: datetime, grace: timedelta) -> None:
@@ -215,9 +219,23 @@ class Runtime:
 
     def _count_peers(self) -> None:
         counts: dict[tuple[str, str], int] = {}
+        accelerators: dict[str, int] = {}
+        self.metrics.heartbeat.clear()
+        self.metrics.kv_cache_usage.clear()
         for body in self.peers.values():
             peer = self.peer_models.get(body)
             conditions = [] if isinstance(peer, ValidationError) else peer.status.conditions
+            if not isinstance(peer, ValidationError):
+                labels = {"cluster": peer.spec.cluster, "peer": body["metadata"]["name"]}
+                if peer.status.last_heartbeat_time is not None:
+                    beat = peer.status.last_heartbeat_time.timestamp()
+                    self.metrics.heartbeat.labels(**labels).set(beat)
+                self.metrics.kv_cache_usage.labels(**labels).set(peer.status.load.kv_cache_usage)
+                if condition_status(conditions, "Ready") == "True":
+                    devices = sum(a.count for a in peer.spec.resources.accelerators)
+                    accelerators[peer.spec.cluster] = (
+                        accelerators.get(peer.spec.cluster, 0) + devices
+                    )
             if condition_status(conditions, "Reachable") == "False":
                 state = "unreachable"
             elif condition_status(conditions, "Draining") == "True":
@@ -231,6 +249,9 @@ class Runtime:
         self.metrics.peers.clear()
         for (cluster, state), count in counts.items():
             self.metrics.peers.labels(cluster=cluster, state=state).set(count)
+        self.metrics.accelerators.clear()
+        for cluster, devices in accelerators.items():
+            self.metrics.accelerators.labels(cluster=cluster).set(devices)
 
     async def mark_mirrors_unreachable(self, member: str, reason: str) -> None:
         for body in list(self.peers.values()):
@@ -243,6 +264,10 @@ class Runtime:
 
     def sync_node(self, node: Body) -> None:
         """Creates or updates the PeerNode of a labelled Node and copies its heartbeat."""
+        with self.metrics.reconcile_duration.labels(controller="node").time():
+            self._sync_node(node)
+
+    def _sync_node(self, node: Body) -> None:
         objects = client.CustomObjectsApi(self.local)
         desired = nodepeers.peer_for_node(node, self.settings.cluster)
         name = desired["metadata"]["name"]

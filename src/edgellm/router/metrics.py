@@ -80,6 +80,8 @@ class RouterMetrics:
             ["split"],
             registry=registry,
         )
+        for split in ("true", "false"):  # every series from the start, as dashboards expect
+            self.disaggregation.labels(split)
         self.kv_transfer_seconds = Histogram(
             "edgellm_router_kv_transfer_duration_seconds",
             "Fetching and loading a prefilled prompt's KV on its decode worker.",
@@ -93,6 +95,8 @@ class RouterMetrics:
             ["source"],
             registry=registry,
         )
+        for source in ("peer", "ipfs"):
+            self.kv_loads.labels(source)
         self.worker_failures = Counter(
             "edgellm_router_worker_failures",
             "Attempts a worker broke off; the request went on elsewhere.",

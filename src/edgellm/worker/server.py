@@ -35,6 +35,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -366,10 +367,51 @@ def create_app(
         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
         registry=metrics,
     )
+    ipfs_save_seconds = Histogram(
+        "edgellm_worker_ipfs_save_duration_seconds",
+        "From a prompt's KV state exported to it stored in IPFS and announced.",
+        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        registry=metrics,
+    )
     if kv_events is not None:
         kv_events.publisher.publish([kv_events.tracker.clear()])
 
     load = PeerLoad()  # what the peer's heartbeat reports to the federation
+
+    # Read at scrape time from the state above; the heartbeat reports the same numbers.
+    def gauge(name: str, documentation: str, value: Callable[[], float]) -> None:
+        Gauge(name, documentation, registry=metrics).set_function(value)
+
+    gauge(
+        "edgellm_worker_running_requests",
+        "Generations holding the model now.",
+        lambda: 1 if turn.locked() else 0,
+    )
+    gauge(
+        "edgellm_worker_queued_requests",
+        "Generations waiting for the model.",
+        lambda: max(len(running) - (1 if turn.locked() else 0), 0),
+    )
+    gauge(
+        "edgellm_worker_decode_tokens_per_second",
+        "Smoothed decode speed of recent generations.",
+        lambda: load.tokens_per_second,
+    )
+    gauge(
+        "edgellm_worker_prefill_tokens_per_second",
+        "Smoothed prefill speed of recent prompts (cached or loaded ones left out).",
+        lambda: load.prefill_tokens_per_second,
+    )
+    gauge(
+        "edgellm_worker_kv_cache_usage_ratio",
+        "Share of the context's KV cache held after the last generation.",
+        lambda: load.kv_cache_usage,
+    )
+    gauge(
+        "edgellm_worker_kv_blocks",
+        "KV blocks the context holds, as KV events announce them (0 without KV events).",
+        lambda: len(kv_events.tracker.blocks) if kv_events is not None else 0,
+    )
 
     def learn_prefill_rate(computed: int, seconds: float) -> None:
         if computed > 0:  # a prompt cached or loaded says nothing of the prefill speed
@@ -458,6 +500,7 @@ def create_app(
                 logger.warning("not sharing a prompt's KV through IPFS: %s", e)
                 return
             ipfs_bytes.labels("put").inc(len(data))
+            ipfs_save_seconds.observe(time.monotonic() - started)
             logger.info(
                 "the KV of %d tokens (%d bytes) is in IPFS as %s after %.3f s",
                 len(prefix.tokens),
