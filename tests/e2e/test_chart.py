@@ -317,6 +317,17 @@ def namespace(cluster: LocalCluster, kubeconfig_file: Path) -> Iterator[str]:
         "pod-security.kubernetes.io/enforce=restricted",
     )
     assert labelled.returncode == 0, labelled.stderr
+    # Pods are refused until the controller-manager has made the namespace's default account.
+    eventually(
+        lambda: (
+            kubectl(
+                kubeconfig_file, context, "get", "serviceaccount", "default", "-n", NAMESPACE
+            ).returncode
+            == 0
+        ),
+        60,
+        "the namespace has its default ServiceAccount",
+    )
     plain = kubectl(
         kubeconfig_file,
         context,
