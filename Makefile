@@ -1,12 +1,17 @@
 # Developer entry points. `make demo` and `make test` are the README's two commands.
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Within pyproject's range; built with llama.cpp's RPC backend by hack/llama-wheel.sh.
+LLAMA_CPP_PYTHON ?= 0.3.36
 
 .PHONY: setup tools demo down test lint crds bench bench-smoke clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml hack/llama-wheel.sh
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --no-index --force-reinstall --no-deps \
+		--find-links "$$(hack/llama-wheel.sh $(BIN)/pip $(LLAMA_CPP_PYTHON))" \
+		'llama-cpp-python==$(LLAMA_CPP_PYTHON)'
 	$(BIN)/pip install --quiet --editable '.[dev]'
 	touch $@
 
@@ -35,12 +40,14 @@ bench: setup tools  ## benchmarks at full size; figures in bench-results/
 	$(BIN)/python -m benchmarks.inference_requests --out bench-results/requests.json
 	$(BIN)/python -m benchmarks.router --out bench-results/router.json
 	$(BIN)/python -m benchmarks.kv_ipfs --out bench-results/kv-ipfs.json
+	$(BIN)/python -m benchmarks.layer_split --out bench-results/layer-split.json
 
 bench-smoke: setup tools  ## the benchmarks at a size that takes a minute each
 	$(BIN)/python -m benchmarks.federation --peers 120 --out bench-results/federation-smoke.json
 	$(BIN)/python -m benchmarks.inference_requests --smoke --out bench-results/requests-smoke.json
 	$(BIN)/python -m benchmarks.router --smoke --out bench-results/router-smoke.json
 	$(BIN)/python -m benchmarks.kv_ipfs --smoke --out bench-results/kv-ipfs-smoke.json
+	$(BIN)/python -m benchmarks.layer_split --smoke --out bench-results/layer-split-smoke.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

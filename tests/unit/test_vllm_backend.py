@@ -22,10 +22,13 @@ from edgellm.worker.vllm import (
     IPFS_PLUGIN_CLASS,
     IPFS_PLUGIN_MODULE,
     CompletionStream,
+    HeadlessRankError,
     Lmcache,
+    MultiNode,
     NoChatTemplateError,
     RemoteStoragePlugin,
     Role,
+    StagePeer,
     VllmBackend,
     VllmSettings,
     VllmStartError,
@@ -35,6 +38,7 @@ from edgellm.worker.vllm import (
     completion_request,
     environment,
     lmcache_config,
+    pipeline_ranks,
     request_error,
 )
 
@@ -354,6 +358,142 @@ def test_a_wildcard_listen_address_is_reached_over_loopback(host: str, url: str)
     assert base_url(settings(host=host)) == url
 
 
+# A pipeline over machines
+
+
+def big_model(**overrides: Any) -> VllmSettings:
+    return settings(
+        model="/models/llama-70b",
+        servedModelName="llama-70b",
+        host="0.0.0.0",
+        pythonHashSeed=42,
+        kvEvents={"enabled": False},
+        **overrides,
+    )
+
+
+def peers(*stages: tuple[str, int]) -> list[StagePeer]:
+    return [StagePeer(address=address, gpus=gpus) for address, gpus in stages]
+
+
+def pipeline_argv(tp: int, pp: int, nnodes: int, rank: int, port: str = "29501") -> list[str]:
+    """`vllm serve` for one rank of big_model's pipeline, as vLLM's multi-node docs start it."""
+    return [
+        "vllm", "serve", "/models/llama-70b",
+        "--host", "0.0.0.0",
+        "--port", "8000",
+        "--served-model-name", "llama-70b",
+        "--tensor-parallel-size", str(tp),
+        "--pipeline-parallel-size", str(pp),
+        "--gpu-memory-utilization", "0.9",
+        "--distributed-executor-backend", "mp",
+        "--nnodes", str(nnodes),
+        "--node-rank", str(rank),
+        "--master-addr", "10.0.0.1",
+        "--master-port", port,
+        *(["--headless"] if rank else []),
+        "--enable-prefix-caching",
+        "--prefix-caching-hash-algo", "sha256_cbor",
+        "--block-size", "16",
+        "--enable-prompt-tokens-details",
+        "--kv-transfer-config", '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}',
+    ]  # fmt: skip
+
+
+def test_two_machines_run_one_stage_each_and_only_rank_0_serves_the_api(tmp_path: Path) -> None:
+    head, stage = pipeline_ranks(big_model(), peers(("10.0.0.1", 1), ("10.0.0.2", 1)))
+    assert command(head) == pipeline_argv(tp=1, pp=2, nnodes=2, rank=0)
+    assert command(stage) == pipeline_argv(tp=1, pp=2, nnodes=2, rank=1)
+    assert (head.headless, stage.headless) == (False, True)
+    config = tmp_path / "lmcache.yaml"
+    assert environment(head, config) == {
+        "PYTHONHASHSEED": "42",
+        "LMCACHE_CONFIG_FILE": str(config),
+        "VLLM_HOST_IP": "10.0.0.1",
+    }
+    assert environment(stage, config) == {
+        "PYTHONHASHSEED": "42",
+        "LMCACHE_CONFIG_FILE": str(config),
+        "VLLM_HOST_IP": "10.0.0.2",
+    }
+
+
+def test_three_machines_split_tensors_inside_each_and_the_pipeline_across(tmp_path: Path) -> None:
+    ranks = pipeline_ranks(
+        big_model(), peers(("10.0.0.1", 2), ("10.0.0.2", 4), ("10.0.0.3", 2)), master_port=29600
+    )
+    assert [command(rank) for rank in ranks] == [
+        pipeline_argv(tp=2, pp=3, nnodes=3, rank=rank, port="29600") for rank in range(3)
+    ]
+    # The peer with 4 GPUs lends 2: vLLM runs as many GPU workers on every machine.
+    assert [rank.gpus_per_node for rank in ranks] == [2, 2, 2]
+    assert [environment(rank, tmp_path)["VLLM_HOST_IP"] for rank in ranks] == [
+        "10.0.0.1",
+        "10.0.0.2",
+        "10.0.0.3",
+    ]
+    assert {environment(rank, tmp_path)["PYTHONHASHSEED"] for rank in ranks} == {"42"}
+
+
+def test_every_rank_keeps_the_models_own_settings() -> None:
+    base = big_model(maxModelLen=8192, port=8100, extraArgs=["--enforce-eager"])
+    for rank in pipeline_ranks(base, peers(("gpu-a.lan", 1), ("gpu-b.lan", 1))):
+        kept = {"tensor_parallel_size", "pipeline_parallel_size", "multi_node"}
+        assert rank.model_dump(exclude=kept) == base.model_dump(exclude=kept)
+        assert rank.multi_node is not None
+        assert rank.multi_node.master_addr == "gpu-a.lan"
+
+
+def test_a_machine_joins_a_pipeline_it_was_told_about_by_hand() -> None:
+    # Pure pipeline over 2 machines of 2 GPUs, as over GPUs without NVLink.
+    node = {"nnodes": 2, "nodeRank": 1, "masterAddr": "10.0.0.1", "nodeAddress": "10.0.0.2"}
+    stage = settings(pipelineParallelSize=4, multiNode=node)
+    assert stage.gpus_per_node == 2
+    argv = command(stage)
+    assert (flag(argv, "--nnodes"), flag(argv, "--node-rank")) == ("2", "1")
+    assert "--headless" in argv
+    assert settings().gpus_per_node == 1
+    assert not settings().headless
+    assert "--nnodes" not in command(settings())
+    assert "VLLM_HOST_IP" not in environment(settings(), Path("x.yaml"))
+
+
+def multi_node_settings(tp: int, pp: int, nnodes: int, **overrides: Any) -> VllmSettings:
+    node = {"nnodes": nnodes, "nodeRank": 0, "masterAddr": "h", "nodeAddress": "h"}
+    return settings(tensorParallelSize=tp, pipelineParallelSize=pp, multiNode=node, **overrides)
+
+
+def test_a_rank_must_be_below_the_number_of_machines() -> None:
+    with pytest.raises(ValidationError, match="nodeRank 2 is not below nnodes 2"):
+        MultiNode(nnodes=2, node_rank=2, master_addr="h", node_address="h")
+    with pytest.raises(ValidationError, match="greater than or equal to 2"):
+        MultiNode(nnodes=1, node_rank=0, master_addr="h", node_address="h")
+
+
+def test_gpu_workers_must_split_evenly_over_the_machines() -> None:
+    with pytest.raises(ValidationError, match=r"3 GPU workers .* do not split evenly over 2 nodes"):
+        multi_node_settings(tp=1, pp=3, nnodes=2)
+
+
+@pytest.mark.parametrize(("tp", "pp", "nnodes"), [(2, 1, 2), (4, 1, 2), (2, 3, 2)])
+def test_a_tensor_parallel_group_stays_inside_one_machine(tp: int, pp: int, nnodes: int) -> None:
+    with pytest.raises(ValidationError, match=f"groups of {tp} GPUs would span machines"):
+        multi_node_settings(tp, pp, nnodes)
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_a_disaggregated_role_does_not_span_machines(role: Role) -> None:
+    with pytest.raises(ValidationError, match=f"role {role} cannot span machines"):
+        multi_node_settings(tp=1, pp=2, nnodes=2, role=role)
+
+
+def test_a_pipeline_plan_needs_two_distinct_machines() -> None:
+    with pytest.raises(ValueError, match="two peers or more"):
+        pipeline_ranks(big_model(), peers(("10.0.0.1", 8)))
+    with pytest.raises(ValueError, match="repeats one"):
+        pipeline_ranks(big_model(), peers(("10.0.0.1", 1), ("10.0.0.1", 1)))
+
+
 # The completion request
 
 
@@ -593,6 +733,50 @@ def test_a_vllm_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -
         tmp_path / "work",
         startup_timeout=0.5,
         stop_grace=0.5,
+    )
+    with pytest.raises(VllmStartError, match="not healthy"):
+        asyncio.run(backend.start())
+
+
+def pipeline_stage(executable: str, rank: int) -> VllmSettings:
+    node = {"nnodes": 2, "nodeRank": rank, "masterAddr": "10.0.0.1", "nodeAddress": "10.0.0.2"}
+    return settings(executable=executable, port=1, pipelineParallelSize=2, multiNode=node)
+
+
+def test_a_headless_rank_is_started_once_it_outlives_the_grace(tmp_path: Path) -> None:
+    # Runs only when told it is headless and where it lives; otherwise fails the start.
+    executable = fake_vllm(
+        tmp_path,
+        '[ "$VLLM_HOST_IP" = 10.0.0.2 ] || exit 7\n'
+        'case " $* " in *" --headless "*) exec sleep 60;; esac\nexit 9',
+    )
+    backend = VllmBackend(pipeline_stage(executable, 1), tmp_path / "work", headless_grace=0.5)
+
+    async def scenario() -> None:
+        await backend.start()  # no /health: port 1 answers nothing
+        try:
+            with pytest.raises(HeadlessRankError, match="headless rank serves no requests"):
+                await backend.tokenize_async("hi")
+            with pytest.raises(HeadlessRankError, match="headless rank serves no requests"):
+                await anext(backend.stream("hi", Sampling(), Usage()))
+        finally:
+            await backend.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_headless_rank_that_dies_fails_the_start_at_once(tmp_path: Path) -> None:
+    executable = fake_vllm(tmp_path, 'echo "RuntimeError: cannot reach 10.0.0.1:29501" >&2\nexit 4')
+    backend = VllmBackend(pipeline_stage(executable, 1), tmp_path / "work", headless_grace=60)
+    with pytest.raises(VllmStartError, match="exited with code 4") as caught:
+        asyncio.run(asyncio.wait_for(backend.start(), 10))
+    assert "cannot reach 10.0.0.1:29501" in str(caught.value)
+
+
+def test_rank_0_of_a_pipeline_waits_for_its_api(tmp_path: Path) -> None:
+    executable = fake_vllm(tmp_path, "exec sleep 60")
+    backend = VllmBackend(
+        pipeline_stage(executable, 0), tmp_path / "work", startup_timeout=0.5, headless_grace=0
     )
     with pytest.raises(VllmStartError, match="not healthy"):
         asyncio.run(backend.start())

@@ -168,6 +168,17 @@ class InferenceRequestSpec(Model):
         return self
 
 
+class Stage(Model):
+    """One peer's part of a model split across peers: a run of consecutive layers."""
+
+    peer: PeerName
+    """The peer that holds and computes these layers."""
+    first_layer: int = Field(ge=0)
+    """The first of its layers, counted from the input."""
+    last_layer: int = Field(ge=0)
+    """The last of its layers (inclusive)."""
+
+
 class Assignment(Model):
     """Where the request runs."""
 
@@ -181,6 +192,10 @@ class Assignment(Model):
     """Whether prefill and decode run on different peers."""
     attempts: int = Field(default=0, ge=0)
     """How many times the request was started; more than 1 after a peer was lost."""
+    stages: list[Stage] = Field(default_factory=list, max_length=64)
+    """For a model too large for any one peer: the peers it is split across, in the order its
+    layers run, the decode peer first (it leads: it holds the weights and samples); empty
+    when one peer holds the whole model."""
 
 
 class CacheStats(Model):

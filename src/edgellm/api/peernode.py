@@ -87,6 +87,9 @@ class LocalModel(Model):
     kv_bytes_per_token: int | None = Field(default=None, ge=0)
     """KV-cache bytes one token takes (2 x layers x KV heads x head size x element size),
     when known: what moving a prompt's KV to another peer costs."""
+    layers: int | None = Field(default=None, ge=1, le=4096)
+    """Transformer blocks (a GGUF's block_count), when known: a model too large for one peer
+    is split across peers by whole layers."""
 
 
 class KVEventsSource(Model):
@@ -97,6 +100,14 @@ class KVEventsSource(Model):
     """The address subscribers connect to, such as tcp://192.168.1.20:5557."""
     topic: str = Field(default="kv-events", max_length=253)
     """The topic of the events."""
+
+
+class RPCServer(Model):
+    """The peer's llama.cpp RPC server (`edgellm stage`), which holds and computes layers of a
+    model split across peers. It has no authentication: offer it on trusted links only."""
+
+    endpoint: str = Field(pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$", max_length=260)
+    """host:port that the peer leading a split connects to, e.g. 192.168.1.21:50052."""
 
 
 class PeerNodeSpec(Model):
@@ -146,6 +157,9 @@ class PeerNodeSpec(Model):
     kv_events: KVEventsSource | None = None
     """Where the peer's worker publishes its KV events, which schedulers index to send a
     prompt to the peer that holds its prefix."""
+    rpc_server: RPCServer | None = None
+    """Where the peer lends its memory and cores to models too large for any one peer: its
+    llama.cpp RPC server; absent for a peer that does not."""
     trust_level: TrustLevel = "community"
     """How far requests may trust this peer with their prompts: untrusted, community, trusted."""
     unschedulable: bool = False

@@ -6,7 +6,17 @@ line on stderr (plus a log tail where a process failed) and exit code 1.
 
 import typer
 
-from edgellm.cli import dev, federation, model, operator, peer, resources, router, worker
+from edgellm.cli import (
+    dev,
+    federation,
+    model,
+    operator,
+    peer,
+    resources,
+    router,
+    stage,
+    worker,
+)
 
 app = typer.Typer(
     help="EdgeLLM: decentralised LLM inference over a federation of Kubernetes clusters.",
@@ -20,6 +30,7 @@ app.command()(peer.leave)
 app.command("operator")(operator.run_operator)
 app.command("worker")(worker.run_worker)
 app.command("router")(router.run_router)
+app.command("stage")(stage.run_stage)
 app.add_typer(dev.app, name="dev")
 app.add_typer(federation.app, name="federation")
 app.add_typer(model.app, name="model")

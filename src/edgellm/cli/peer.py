@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from edgellm.api import PeerNodeSpec
+from edgellm.api._common import QUANTITY_PATTERN
 from edgellm.api.peernode import PeerNetwork
 from edgellm.cli._common import (
     ContextOption,
@@ -66,6 +67,17 @@ def join(
         ),
     ] = None,
     kv_events_topic: KVEventsTopicOption = "kv-events",
+    rpc_server: Annotated[
+        str | None,
+        typer.Option(
+            help="host:port of this machine's `edgellm stage`, lending its memory to models too"
+            " large for one peer."
+        ),
+    ] = None,
+    memory: Annotated[
+        str | None,
+        typer.Option(help="Memory to give workers, a quantity (default: 80% of this machine's)."),
+    ] = None,
     heartbeat_ttl: Annotated[
         int, typer.Option(min=5, help="Seconds without a heartbeat before the peer is not Ready.")
     ] = 30,
@@ -80,8 +92,12 @@ def join(
     with one_line_errors():
         api = connect(kubeconfig, context)
         cluster = local_cluster_name(api)
-        resources = hardware.resources()
-        gpu = any(a.vendor == "nvidia" for a in resources.accelerators)
+        resources = hardware.resources().to_wire()
+        if memory is not None:
+            if not re.fullmatch(QUANTITY_PATTERN, memory):
+                raise typer.BadParameter(f"{memory!r} is not a size", param_hint="--memory")
+            resources["memory"] = memory
+        gpu = any(a["vendor"] == "nvidia" for a in resources.get("accelerators", []))
         spec = PeerNodeSpec.model_validate(
             {
                 "cluster": cluster,
@@ -97,6 +113,7 @@ def join(
                 "kvEvents": {"endpoint": kv_events, "topic": kv_events_topic}
                 if kv_events
                 else None,
+                "rpcServer": {"endpoint": rpc_server} if rpc_server else None,
                 "heartbeatTTLSeconds": heartbeat_ttl,
             }
         )

@@ -7,17 +7,20 @@ from typing import Annotated, Literal
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 
 from edgellm.api._common import QUANTITY_PATTERN, quantity_value
 from edgellm.cli._common import KVEventsTopicOption, VerboseOption, configure_logging
 from edgellm.kvcache import DEFAULT_BLOCK_SIZE
 from edgellm.kvcache.blockstore import KVBlockStore
 from edgellm.kvcache.ipfs import KuboClient
+from edgellm.worker import rpc
 from edgellm.worker.ipfskv import IPFSKV, key_id, load_or_create_key, load_trusted_keys, public_pem
 from edgellm.worker.kvevents import KVBlockTracker, KVEvents, ZmqEventPublisher
 from edgellm.worker.llamacpp import LlamaCppBackend
 from edgellm.worker.server import Backend, create_app
-from edgellm.worker.vllm import KvEvents, VllmBackend, VllmSettings
+from edgellm.worker.split import SplitLeader
+from edgellm.worker.vllm import MASTER_PORT, KvEvents, MultiNode, VllmBackend, VllmSettings
 
 # Seconds for one Kubo call: a decode worker waits on its fetches with the model's turn held.
 IPFS_TIMEOUT = 10.0
@@ -62,6 +65,36 @@ def run_worker(
     pipeline_parallel_size: Annotated[int, typer.Option(help="vllm: pipeline stages.")] = 1,
     max_model_len: Annotated[int | None, typer.Option(help="vllm: the context length.")] = None,
     vllm_port: Annotated[int, typer.Option(help="vllm: port of `vllm serve` itself.")] = 8000,
+    nnodes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="vllm: machines the model is split over (vLLM's multiprocessing executor, no"
+            " Ray); each runs this command with its own --node-rank and tensor x pipeline /"
+            " nnodes GPU workers.",
+        ),
+    ] = 1,
+    node_rank: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="vllm: this machine's rank; 0 serves requests, the others run vLLM headless"
+            " (GPU workers only) and serve none.",
+        ),
+    ] = 0,
+    master_addr: Annotated[
+        str | None,
+        typer.Option(help="vllm: rank 0's address, which every machine reaches; with --nnodes."),
+    ] = None,
+    master_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="vllm: rank 0's rendezvous port.")
+    ] = MASTER_PORT,
+    node_address: Annotated[
+        str | None,
+        typer.Option(
+            help="vllm: this machine's address that the others reach (VLLM_HOST_IP); with --nnodes."
+        ),
+    ] = None,
     ipfs_api: Annotated[
         str | None,
         typer.Option(
@@ -93,6 +126,27 @@ def run_worker(
         str,
         typer.Option(help="Most KV bytes kept pinned in IPFS, a quantity (1Gi, 500Mi, 2e9)."),
     ] = "1Gi",
+    context: Annotated[
+        int, typer.Option(min=0, help="llamacpp: tokens of context (0: the model's own).")
+    ] = 0,
+    split: Annotated[
+        bool,
+        typer.Option(
+            help="llamacpp: lead this model split across peers, as the plan each generation"
+            " carries says (for a model too large for this machine; it is not loaded whole)."
+        ),
+    ] = False,
+    rpc_servers: Annotated[
+        str | None,
+        typer.Option(
+            help="llamacpp: host:port,... of llama.cpp RPC servers (`edgellm stage`) holding"
+            " layers after this process's own; with --layers. `--split` passes these itself."
+        ),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(help="With --rpc-servers: layers this process keeps, then each server's."),
+    ] = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a model: generate (whole or streamed), cancel, /healthz and /metrics."""
@@ -104,33 +158,45 @@ def run_worker(
             raise typer.BadParameter(
                 "vLLM needs a numeric PYTHONHASHSEED", param_hint="--hash-seed"
             )
-        settings = VllmSettings(
-            model=str(model),
-            served_model_name=name or model.name,
-            port=vllm_port,
-            tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-            max_model_len=max_model_len,
-            role=role,
-            kv_events=KvEvents(
-                enabled=kv_events is not None,
-                endpoint=kv_events or "tcp://*:5557",
-                topic=kv_events_topic,
-            ),
-            python_hash_seed=int(hash_seed),
-        )
+        try:
+            settings = VllmSettings(
+                model=str(model),
+                served_model_name=name or model.name,
+                port=vllm_port,
+                tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
+                max_model_len=max_model_len,
+                role=role,
+                kv_events=KvEvents(
+                    enabled=kv_events is not None,
+                    endpoint=kv_events or "tcp://*:5557",
+                    topic=kv_events_topic,
+                ),
+                python_hash_seed=int(hash_seed),
+                multi_node=_multi_node(nnodes, node_rank, master_addr, master_port, node_address),
+            )
+        except ValidationError as e:
+            reasons = (
+                f"{'.'.join(map(str, error['loc']))} {error['msg']}".strip()
+                for error in e.errors(include_url=False)
+            )
+            raise typer.BadParameter("; ".join(reasons)) from e
         served = VllmBackend(settings, Path(tempfile.mkdtemp(prefix="edgellm-vllm-")))
     else:
         if not model.is_file():
             raise typer.BadParameter("llamacpp serves a GGUF file", param_hint="--model")
-        served = LlamaCppBackend(model, threads=threads)
-        if kv_events is not None:
+        served = _llamacpp(model, name, threads, context, split, rpc_servers, layers)
+        if kv_events is not None and isinstance(served, LlamaCppBackend):
             tracker = KVBlockTracker(hash_seed, DEFAULT_BLOCK_SIZE)
             events = KVEvents(tracker, ZmqEventPublisher(kv_events, topic=kv_events_topic))
     ipfs_kv = None
     if ipfs_api is not None:
         if not isinstance(served, LlamaCppBackend):
-            raise typer.BadParameter("vLLM moves KV with LMCache", param_hint="--ipfs-api")
+            raise typer.BadParameter(
+                "only a llama.cpp model served whole shares KV through IPFS (vLLM's go through"
+                " LMCache)",
+                param_hint="--ipfs-api",
+            )
         ipfs_kv = _ipfs_kv(
             served,
             ipfs_api,
@@ -147,6 +213,52 @@ def run_worker(
     finally:
         if events is not None:
             events.publisher.close()
+
+
+def _llamacpp(
+    model: Path,
+    name: str | None,
+    threads: int | None,
+    context: int,
+    split: bool,
+    rpc_servers: str | None,
+    layers: str | None,
+) -> LlamaCppBackend | SplitLeader:
+    if split:
+        if rpc_servers:
+            raise typer.BadParameter("a split's leader gets its servers from each plan")
+        workdir = Path(tempfile.mkdtemp(prefix="edgellm-split-"))
+        return SplitLeader(model, name or model.stem, workdir, threads)
+    servers = rpc_servers.split(",") if rpc_servers else []
+    try:
+        counts = [int(n) for n in layers.split(",")] if layers else []
+        return LlamaCppBackend(model, context, threads, rpc_servers=servers, layers=counts)
+    except (ValueError, rpc.RPCUnavailableError) as e:
+        raise typer.BadParameter(str(e), param_hint="--layers") from e
+
+
+def _multi_node(
+    nnodes: int,
+    node_rank: int,
+    master_addr: str | None,
+    master_port: int,
+    node_address: str | None,
+) -> MultiNode | None:
+    """This machine's place in a vLLM pipeline over machines; None when it serves alone."""
+    if nnodes == 1 and node_rank == 0:
+        return None
+    if master_addr is None or node_address is None:
+        raise typer.BadParameter(
+            "a pipeline over machines needs --master-addr and --node-address",
+            param_hint="--nnodes",
+        )
+    return MultiNode(
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        node_address=node_address,
+    )
 
 
 def _ipfs_kv(

@@ -34,6 +34,7 @@ from edgellm.api.inferencerequest import (
     FinishReason,
     InferenceRequestStatus,
     Output,
+    Stage,
 )
 from edgellm.kvcache import ExternalBlockHash, prompt_block_keys
 from edgellm.kvcache.index import KVIndex
@@ -43,6 +44,7 @@ from edgellm.operator.metrics import OperatorMetrics
 from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import SplitDecision, decide_split
+from edgellm.scheduling.layersplit import CannotSplit, LayerPlan, plan_layer_split
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,14 @@ class RequestFailedError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class StagesLostError(Exception):
+    """Peers holding layers of a split model stopped answering; the leader still does."""
+
+    def __init__(self, peers: set[str], message: str) -> None:
+        super().__init__(message)
+        self.peers = peers
 
 
 @dataclass
@@ -132,11 +142,23 @@ class RequestRunner:
                 warm = self.sessions.peer(session, time.monotonic()) if session else None
                 candidates = self._candidates(spec.model, warm, blocks)
                 with self.metrics.scheduling_duration.time():
-                    decision = self._schedule(spec, candidates, frozenset(excluded))
-                    split = self._split(spec, candidates, decision, prompt, excluded)
+                    decision, layers = self._schedule(spec, candidates, excluded, prompt)
+                    split = (
+                        None
+                        if layers
+                        else self._split(spec, candidates, decision, prompt, excluded)
+                    )
                 peer = PeerName(decision.peer.name)
                 status.assignment.decode_peer = status.assignment.prefill_peer = peer
                 status.assignment.cluster = decision.peer.peer.spec.cluster
+                status.assignment.stages = [
+                    Stage(
+                        peer=PeerName(s.candidate.name),
+                        first_layer=s.first_layer,
+                        last_layer=s.last_layer,
+                    )
+                    for s in (layers.stages if layers else ())
+                ]
                 status.assignment.attempts += 1
                 status.phase = "Scheduled"
                 logger.info(
@@ -156,7 +178,8 @@ class RequestRunner:
                     f"on {decision.peer.name} (attempt {status.assignment.attempts})"
                     + (f", after {progress.tokens} tokens" if progress.tokens else "")
                     + (", the session's warm peer" if warm == decision.peer.name else "")
-                    + (f"; {_split_note(split)}" if split else ""),
+                    + (f"; {_split_note(split)}" if split else "")
+                    + (f"; the model split across peers: {layers.describe()}" if layers else ""),
                 )
                 remaining = deadline - time.time()
                 if remaining <= 0:
@@ -167,19 +190,28 @@ class RequestRunner:
                 self.in_flight[peer] += 1
                 try:
                     finished = await self._generate(
-                        body, status, decision, spec, prompt, progress, attempt, remaining, stopped
-                    )
-                except (httpx.TransportError, httpx.RemoteProtocolError) as e:
-                    excluded.add(decision.peer.name)
-                    progress = Progress(progress.text + "".join(attempt.text), attempt.tokens)
-                    await asyncio.to_thread(
-                        self.events.record,
                         body,
-                        "Warning",
-                        "PeerLost",
-                        f"{decision.peer.name} failed mid-request ({e}); resuming elsewhere"
-                        f" after {progress.tokens} tokens",
+                        status,
+                        decision,
+                        layers,
+                        spec,
+                        prompt,
+                        progress,
+                        attempt,
+                        remaining,
+                        stopped,
                     )
+                except (StagesLostError, httpx.TransportError, httpx.RemoteProtocolError) as e:
+                    progress = Progress(progress.text + "".join(attempt.text), attempt.tokens)
+                    after = f"after {progress.tokens} tokens"
+                    if isinstance(e, StagesLostError):  # the leader stands: plan around them
+                        lost, reason = e.peers, "StageLost"
+                        note = f"{e}; planning again without {', '.join(sorted(lost))}, {after}"
+                    else:
+                        lost, reason = {decision.peer.name}, "PeerLost"
+                        note = f"{decision.peer.name} failed mid-request ({e}); resuming {after}"
+                    excluded.update(lost)
+                    await asyncio.to_thread(self.events.record, body, "Warning", reason, note)
                     continue
                 finally:
                     self.in_flight[peer] -= 1
@@ -313,28 +345,40 @@ class RequestRunner:
         others = schedule(spec, candidates, self.profile, frozenset({*excluded, decode.peer.name}))
         if not isinstance(others, Decision):
             return SplitDecision(False, "no second peer can serve the model")
-        # About four characters a token: the prompt is tokenized on the worker, not here.
-        tokens = len(json.dumps(prompt)) // 4
+        tokens = _estimated_tokens(prompt)
         return decide_split(
             spec.placement.disaggregation, others.peer.peer, decode.peer.peer, spec.model, tokens
         )
 
     def _schedule(
-        self, spec: InferenceRequestSpec, candidates: list[Candidate], excluded: frozenset[str]
-    ) -> Decision:
-        result = schedule(spec, candidates, self.profile, excluded)
+        self,
+        spec: InferenceRequestSpec,
+        candidates: list[Candidate],
+        excluded: set[str],
+        prompt: dict[str, Any],
+    ) -> tuple[Decision, LayerPlan | None]:
+        """The peer to run on; for a model too large for any one peer, its leader and the plan
+        that splits its layers across peers."""
+        result = schedule(spec, candidates, self.profile, frozenset(excluded))
         if isinstance(result, Decision):
-            return result
+            return result, None
         known = any(spec.model in {m.name for m in c.peer.spec.models} for c in candidates)
-        reason = "NoPeerAvailable" if known else "UnknownModel"
-        prefix = "" if known else f"no peer of the federation holds model {spec.model!r}; "
-        raise RequestFailedError(reason, prefix + result.message)
+        if not known:
+            message = f"no peer of the federation holds model {spec.model!r}; {result.message}"
+            raise RequestFailedError("UnknownModel", message)
+        if not any(why.startswith("cannot hold") for why in result.reasons):
+            raise RequestFailedError("NoPeerAvailable", result.message)
+        plan = plan_layer_split(spec, candidates, _estimated_tokens(prompt), frozenset(excluded))
+        if isinstance(plan, CannotSplit):
+            raise RequestFailedError("ModelTooLarge", f"{result.message}; {plan.message}")
+        return Decision(plan.leader, 0.0), plan
 
     async def _generate(
         self,
         body: Body,
         status: InferenceRequestStatus,
         decision: Decision,
+        layers: LayerPlan | None,
         spec: InferenceRequestSpec,
         prompt: dict[str, Any],
         progress: Progress,
@@ -359,6 +403,8 @@ class RequestRunner:
             "sampling": sampling.to_wire(),
             "stream": True,
         }
+        if layers is not None:
+            payload["split"] = _split_plan(layers)
         attempt.tokens = progress.tokens
         if sampling.max_tokens <= 0:  # an earlier attempt had finished; its last write was lost
             attempt.finish_reason = "length"
@@ -376,12 +422,17 @@ class RequestRunner:
             url = f"{endpoint}/v1/generate"
             async with self._http().stream("POST", url, json=payload, timeout=limits) as response:
                 if response.status_code >= 400:
-                    error = json.loads(await response.aread())["error"]["message"]
-                    raise RequestFailedError("InvalidRequest", f"{decision.peer.name}: {error}")
+                    error = json.loads(await response.aread())["error"]
+                    if error.get("type") == "split_error":
+                        raise _split_failure(decision, layers, error)
+                    message = f"{decision.peer.name}: {error['message']}"
+                    raise RequestFailedError("InvalidRequest", message)
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     event = json.loads(line.removeprefix("data: "))
+                    if "error" in event:
+                        raise _split_failure(decision, layers, event["error"])
                     if "text" in event:
                         if status.timings.ttft_seconds is None:
                             first = (datetime.now(UTC) - created).total_seconds()
@@ -568,6 +619,40 @@ def _output_config_map(body: Body, text: str) -> dict[str, Any]:
         },
         "data": {OUTPUT_KEY: text},
     }
+
+
+def _estimated_tokens(prompt: dict[str, Any]) -> int:
+    """About four characters a token: the prompt is tokenized on the worker, not here."""
+    return len(json.dumps(prompt)) // 4
+
+
+def _split_plan(layers: LayerPlan) -> dict[str, Any]:
+    """The plan as the leader's worker reads it (`worker/split.py`'s SplitPlan)."""
+    leader, *others = layers.stages
+    return {
+        "context": layers.context,
+        "leaderLayers": leader.layers,
+        "stages": [{"endpoint": _rpc_endpoint(s.candidate), "layers": s.layers} for s in others],
+    }
+
+
+def _rpc_endpoint(candidate: Candidate) -> str:
+    server = candidate.peer.spec.rpc_server
+    assert server is not None  # the planner lends layers only to peers that have one
+    return server.endpoint
+
+
+def _split_failure(
+    decision: Decision, layers: LayerPlan | None, error: dict[str, Any]
+) -> Exception:
+    """A split's failure as the leader reported it: its lost stages, or else the leader's own."""
+    by_endpoint = {
+        _rpc_endpoint(s.candidate): s.candidate.name for s in (layers.stages[1:] if layers else ())
+    }
+    lost = {by_endpoint[e] for e in error.get("lostStages", []) if e in by_endpoint}
+    if lost:
+        return StagesLostError(lost, error["message"])
+    return httpx.RemoteProtocolError(f"{decision.peer.name}: {error['message']}")
 
 
 def _split_note(split: SplitDecision) -> str:

@@ -11,7 +11,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgellm.api import TRUST_ORDER, InferenceRequestSpec, condition_status, quantity_value
+from edgellm.api import (
+    TRUST_ORDER,
+    InferenceRequestSpec,
+    PeerNodeSpec,
+    condition_status,
+    quantity_value,
+)
 from edgellm.scheduling.framework import (
     Candidate,
     Filter,
@@ -20,6 +26,13 @@ from edgellm.scheduling.framework import (
     Scorer,
     WeightedScorer,
 )
+
+
+def peer_memory(spec: PeerNodeSpec) -> float:
+    """Bytes the peer gives to workers: its memory and its accelerators'."""
+    return quantity_value(spec.resources.memory) + sum(
+        quantity_value(a.memory) * a.count for a in spec.resources.accelerators
+    )
 
 
 @dataclass(frozen=True)
@@ -66,9 +79,7 @@ class HasRoom:
         if load.queued_requests >= self.max_queued:
             return f"has {load.queued_requests} requests queued"
         size = next((m.size_bytes for m in spec.models if m.name == request.model), None)
-        memory = quantity_value(spec.resources.memory) + sum(
-            quantity_value(a.memory) * a.count for a in spec.resources.accelerators
-        )
+        memory = peer_memory(spec)
         if size is not None and size > memory:
             return f"cannot hold {size / 2**30:.1f} GiB of weights in {memory / 2**30:.1f} GiB"
         return None

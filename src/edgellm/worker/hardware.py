@@ -69,8 +69,9 @@ def gpus(nvidia_smi: str = "nvidia-smi") -> list[Accelerator]:
     ]
 
 
-def gguf_kv_bytes_per_token(path: Path) -> int | None:
-    """From the GGUF header: keys and values of every layer, in llama.cpp's default f16 cache."""
+def gguf_shape(path: Path) -> tuple[int | None, int | None]:
+    """From the GGUF header: its layers, and the KV bytes of one token (keys and values of
+    every layer, in llama.cpp's default f16 cache); None where unknown."""
     try:
         fields = GGUFReader(path).fields
         architecture = _gguf_value(fields, "general.architecture")
@@ -80,8 +81,8 @@ def gguf_kv_bytes_per_token(path: Path) -> int | None:
         )
         kv_heads = int(_gguf_value(fields, f"{architecture}.attention.head_count_kv") or heads)
     except (OSError, ValueError, KeyError, TypeError):
-        return None  # not a model llama.cpp describes this way: the size stays unknown
-    return 2 * layers * kv_heads * (width // heads) * 2
+        return None, None  # not a model llama.cpp describes this way: its shape stays unknown
+    return layers, 2 * layers * kv_heads * (width // heads) * 2
 
 
 def _gguf_value(fields: Mapping[str, Any], key: str) -> Any:
@@ -99,12 +100,14 @@ def local_models(directory: Path) -> list[LocalModel]:
     found = []
     for path in directory.iterdir():
         if path.is_file() and path.suffix == ".gguf":
+            layers, kv_bytes_per_token = gguf_shape(path)
             found.append(
                 LocalModel(
                     name=path.stem,
                     format="gguf",
                     size_bytes=path.stat().st_size,
-                    kv_bytes_per_token=gguf_kv_bytes_per_token(path),
+                    kv_bytes_per_token=kv_bytes_per_token,
+                    layers=layers,
                 )
             )
         elif path.is_dir() and (path / "config.json").is_file():

@@ -33,7 +33,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -45,6 +45,7 @@ from jinja2 import Template  # the engine of chat templates, as in llama.cpp's o
 from llama_cpp import Llama, LogitsProcessorList
 
 from edgellm.kvcache.index import common_prefix
+from edgellm.worker import rpc
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -111,14 +112,46 @@ def model_fingerprint(path: Path, metadata: dict[str, str]) -> str:
 
 
 class LlamaCppBackend:
-    def __init__(self, model: Path, context: int = 0, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Path,
+        context: int = 0,
+        threads: int | None = None,
+        rpc_servers: Sequence[str] = (),
+        layers: Sequence[int] = (),
+    ) -> None:
+        """With `rpc_servers`, the model is split: `layers` says how many consecutive layers
+        this process keeps (the first) and each server holds, in order (see `rpc.py`)."""
         self.model_path = model
+        offload: dict[str, Any] = {}
+        if rpc_servers:
+            if len(layers) != len(rpc_servers) + 1:
+                raise ValueError(
+                    f"{len(rpc_servers)} RPC servers need {len(rpc_servers) + 1}"
+                    f" layer counts, this process's first; got {len(layers)}"
+                )
+            rpc.use_servers(rpc_servers)
+            n_gpu_layers, tensor_split = rpc.layer_offload(layers)
+            # Without mmap, this process holds only its own layers, not the whole file.
+            offload = {
+                "n_gpu_layers": n_gpu_layers,
+                "tensor_split": tensor_split,
+                "use_mmap": False,
+            }
         self._llama = Llama(
             model_path=str(model),
             n_ctx=context,  # 0: the model's own context length
             n_threads=threads,
             verbose=False,
+            **offload,
         )
+        if rpc_servers:
+            architecture = self._llama.metadata.get("general.architecture", "")
+            blocks = int(self._llama.metadata.get(f"{architecture}.block_count", 0))
+            if sum(layers) != blocks:
+                raise ValueError(
+                    f"the layer counts add up to {sum(layers)}; the model has {blocks}"
+                )
         self._model_identity = {
             "name": self._llama.metadata.get("general.name", model.stem),
             "fingerprint": model_fingerprint(model, self._llama.metadata),

@@ -55,6 +55,7 @@ from edgellm.worker.llamacpp import (
     Sampling,
     Usage,
 )
+from edgellm.worker.split import SplitError, SplitLeader, SplitPlan, StageLostError
 from edgellm.worker.vllm import VllmBackend, VllmError
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class GenerateRequest(Model):
     """The `/v1/kv/{id}` URL of the worker that prefilled this prompt, or a peer's
     `/v1/kv/ipfs/{block_hash}` announcement of a prefix's KV in IPFS: that KV is loaded rather
     than computed (llama.cpp workers of the same model only)."""
+    split: SplitPlan | None = None
+    """For a worker that leads a split model (`--split`): the peers and layers to run it on."""
 
 
 @dataclass(frozen=True)
@@ -285,7 +288,13 @@ class StreamGeneration:
         self._closing = asyncio.ensure_future(self._pieces.aclose())
 
 
-Backend = LlamaCppBackend | VllmBackend
+Backend = LlamaCppBackend | VllmBackend | SplitLeader
+
+
+def _split_error(error: SplitError) -> dict[str, Any]:
+    """A split's failure as an error body: which stages were lost, for the scheduler."""
+    lost = error.endpoints if isinstance(error, StageLostError) else []
+    return {"error": {"message": str(error), "type": "split_error", "lostStages": lost}}
 
 
 @asynccontextmanager
@@ -304,7 +313,7 @@ async def _serving(
     try:
         yield
     finally:
-        if isinstance(backend, VllmBackend):
+        if isinstance(backend, VllmBackend | SplitLeader):
             await backend.stop()
         for task in saves:
             task.cancel()
@@ -568,6 +577,8 @@ def create_app(
         """Computes a prompt's KV and keeps its state for the decode worker's `kvFrom`."""
         if isinstance(backend, VllmBackend):
             return _error(501, "the vLLM backend moves KV with LMCache, not /v1/prefill")
+        if isinstance(backend, SplitLeader):
+            return _error(501, "a split model is prefilled and decoded by the same peers")
         read = await _read(request, backend)
         if isinstance(read, Response):
             return read
@@ -634,6 +645,16 @@ def create_app(
         body, prompt = read
         if body.kv_from and isinstance(backend, VllmBackend):
             return _error(501, "the vLLM backend moves KV with LMCache, not kvFrom")
+        if isinstance(backend, SplitLeader) != (body.split is not None):
+            return _error(
+                400,
+                "this worker leads a split model: each generation needs its split plan"
+                if isinstance(backend, SplitLeader)
+                else "this worker serves its model whole; split plans go to a worker started"
+                " with --split",
+            )
+        if body.kv_from and isinstance(backend, SplitLeader):
+            return _error(501, "a split model computes its prompts itself, without kvFrom")
         sampling = Sampling(**{**body.sampling.model_dump(), "stop": tuple(body.sampling.stop)})
         cancelled = threading.Event()
         usage = Usage()
@@ -663,6 +684,11 @@ def create_app(
             started = time.monotonic()
             stream = backend.stream(prompt + body.continuation, sampling, usage)
             generation = StreamGeneration(stream, cancelled, finish)
+        elif isinstance(backend, SplitLeader):
+            assert body.split is not None  # checked above
+            started = time.monotonic()
+            pieces = backend.stream(prompt, body.continuation, sampling, usage, body.split)
+            generation = StreamGeneration(pieces, cancelled, finish)
         else:
             # Waiting requests wait here, not in worker threads: threads blocked on the
             # model's lock would starve the one generation that holds it.
@@ -695,6 +721,9 @@ def create_app(
         except VllmError as e:
             generation.close()
             return _error(502, str(e), "server_error")
+        except SplitError as e:
+            generation.close()
+            return JSONResponse(_split_error(e), status_code=503)
         except BaseException:  # the client left before the first token
             generation.close()
             raise
@@ -724,13 +753,17 @@ def create_app(
 
             async def events() -> AsyncIterator[str]:
                 async with aclosing(pull()) as pieces:
-                    async for piece in pieces:
-                        if piece.text:
-                            # With the count so far, a resumed request knows its token budget.
-                            event = {"text": piece.text, "tokens": usage.completion_tokens}
-                            yield f"data: {json.dumps(event)}\n\n"
-                        if piece.finish_reason:
-                            yield f"data: {json.dumps(summary(piece.finish_reason))}\n\n"
+                    try:
+                        async for piece in pieces:
+                            if piece.text:
+                                # With the count so far, a resumed request knows its budget.
+                                event = {"text": piece.text, "tokens": usage.completion_tokens}
+                                yield f"data: {json.dumps(event)}\n\n"
+                            if piece.finish_reason:
+                                yield f"data: {json.dumps(summary(piece.finish_reason))}\n\n"
+                    except SplitError as e:  # no finish reason: the caller resumes elsewhere
+                        yield f"data: {json.dumps(_split_error(e))}\n\n"
+                        return
                 yield "data: [DONE]\n\n"
 
             async def close() -> None:  # async: starlette runs sync tasks in threads
@@ -744,9 +777,12 @@ def create_app(
 
         text, reason = [], None
         async with aclosing(pull()) as pieces:
-            async for piece in pieces:
-                text.append(piece.text)
-                reason = piece.finish_reason or reason
+            try:
+                async for piece in pieces:
+                    text.append(piece.text)
+                    reason = piece.finish_reason or reason
+            except SplitError as e:
+                return JSONResponse(_split_error(e), status_code=503)
         return JSONResponse({"id": body.id, "text": "".join(text), **summary(reason)})
 
     return app

@@ -23,11 +23,35 @@ EdgeLLM's remote storage plugin (`edgellm.kvcache.lmcache`, loaded by LMCache in
 is read from `lmcache/v1/storage_backend/connector/__init__.py`: `remote_storage_plugins` and
 `extra_config` keys `remote_storage_plugin.<name>.module_path` / `.class_name` / options).
 
+A model larger than one machine's GPUs runs as a pipeline over several machines with vLLM's
+multiprocessing executor, without Ray (`MultiNode`; `pipeline_ranks` plans every rank from the
+ordered stage peers). Every machine runs the same `vllm serve` plus `--nnodes`, its own
+`--node-rank`, and `--master-addr`/`--master-port`: rank 0's torch.distributed rendezvous. Rank
+0 serves the OpenAI API and schedules; the other ranks run `--headless`, GPU workers with no
+HTTP server, so their backend counts as started once vLLM has outlived its own checks rather
+than when `/health` answers. Each machine runs tensor x pipeline / nnodes GPU workers (global
+rank = node rank x that + local rank, tensor-parallel groups innermost), must let vLLM see
+exactly that many GPUs (`CUDA_VISIBLE_DEVICES`, or a pod's GPU limit: vLLM tells which ranks
+share a machine by dividing ranks by the GPUs it sees), and must hold the model folder at the
+same path. `VLLM_HOST_IP` is each machine's own address: rank 0's scheduler queues and every
+rank's result queue bind to it, and vLLM otherwise guesses it from the default route.
+`PYTHONHASHSEED` is set alike on every rank (LMCache hashes chunks in each GPU worker). A
+machine with several interfaces may need `NCCL_SOCKET_IFNAME`/`GLOO_SOCKET_IFNAME` (torch's and
+NCCL's own variables, passed through from the worker's environment). Read from vllm 0.33.0:
+`vllm/engine/arg_utils.py` (the flags; `create_engine_config` checks that nnodes divides the
+world size and node_rank < nnodes), `vllm/config/parallel.py` (`local_world_size`; `mp` is
+implied by nnodes > 1 on CUDA only, so it is passed explicitly),
+`vllm/entrypoints/cli/serve.py` (`run_headless`), `vllm/v1/executor/multiproc_executor.py`,
+`vllm/distributed/parallel_state.py` (`init_distributed_environment`),
+`vllm/distributed/device_communicators/shm_broadcast.py`, `vllm/envs.py`, and the docs'
+`docs/serving/parallelism_scaling.md` ("Running vLLM with MultiProcessing").
+
 Errors::
 
     VllmError
-    ├── VllmStartError    `vllm serve` exited, or was not healthy by the deadline
+    ├── VllmStartError    `vllm serve` exited while starting, or was not healthy by the deadline
     ├── NoChatTemplateError  messages sent to a model without a chat template
+    ├── HeadlessRankError a request reached a rank of a pipeline other than 0
     └── VllmStreamError   a generation failed: vLLM refused it, or its stream broke off
 
 A prompt longer than the model's context raises the llama.cpp backend's `PromptTooLongError`,
@@ -35,14 +59,10 @@ which the worker already answers with a 400.
 """
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import signal
 import time
-from collections import deque
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, Self
 
@@ -53,6 +73,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from edgellm.api._common import Model
 from edgellm.kvcache import DEFAULT_BLOCK_SIZE
+from edgellm.worker.child import ChildServer, ChildStartError
 from edgellm.worker.llamacpp import FinishReason, Piece, PromptTooLongError, Sampling, Usage
 
 logger = logging.getLogger(__name__)
@@ -71,6 +92,8 @@ IPFS_PLUGIN_NAME: Final = "ipfs"
 `ipfs.<instance>`) to the adapter below, which matches plugins by that type."""
 IPFS_PLUGIN_MODULE: Final = "edgellm.kvcache.lmcache"
 IPFS_PLUGIN_CLASS: Final = "IpfsConnectorAdapter"
+MASTER_PORT: Final = 29501
+"""vLLM's default `--master-port` (vllm/config/parallel.py: ParallelConfig.master_port)."""
 
 # vLLM's kv_role for each EdgeLLM role (vllm/config/kv_transfer.py: KVRole).
 _KV_ROLES: Final[dict[Role, str]] = {
@@ -98,6 +121,10 @@ class VllmStartError(VllmError):
 
 class NoChatTemplateError(VllmError, ValueError):
     """Messages were sent, but the model has no chat template to render them with."""
+
+
+class HeadlessRankError(VllmError):
+    """A request reached a headless rank of a pipeline over machines: rank 0 serves them."""
 
 
 class VllmStreamError(VllmError):
@@ -239,6 +266,43 @@ class Lmcache(Model):
         return plugins
 
 
+class MultiNode(Model):
+    """This machine's place in a pipeline over several machines (vLLM's multiprocessing
+    executor across nodes)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    nnodes: int = Field(ge=2)
+    """Machines the model is split over."""
+    node_rank: int = Field(ge=0)
+    """This machine's rank: 0 serves the API, the others run headless."""
+    master_addr: str = Field(min_length=1)
+    """Rank 0's address, which every rank reaches (torch.distributed's rendezvous)."""
+    master_port: int = Field(default=MASTER_PORT, ge=1, le=65535)
+    """Rank 0's rendezvous port."""
+    node_address: str = Field(min_length=1)
+    """This machine's address that the other ranks reach (VLLM_HOST_IP)."""
+
+    @model_validator(mode="after")
+    def _rank_in_range(self) -> Self:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(
+                f"nodeRank {self.node_rank} is not below nnodes {self.nnodes}: ranks count from 0"
+            )
+        return self
+
+
+class StagePeer(Model):
+    """A GPU peer that holds one stage of a pipeline over several machines."""
+
+    model_config = ConfigDict(frozen=True)
+
+    address: str = Field(min_length=1)
+    """The address the other stages reach it at."""
+    gpus: int = Field(ge=1)
+    """Its GPUs free for the model."""
+
+
 class VllmSettings(Model):
     """One `vllm serve`: the model, where it listens, how it is split over GPUs, its role."""
 
@@ -272,6 +336,8 @@ class VllmSettings(Model):
     """The `vllm` command."""
     extra_args: tuple[str, ...] = ()
     """More `vllm serve` flags, after EdgeLLM's (e.g. --enforce-eager, --dtype half)."""
+    multi_node: MultiNode | None = None
+    """This machine's place in a pipeline over several machines; None serves from this one."""
 
     @model_validator(mode="after")
     def _disaggregation_needs_lmcache(self) -> Self:
@@ -279,10 +345,43 @@ class VllmSettings(Model):
             raise ValueError(f"role {self.role} moves KV through LMCache: lmcache must be set")
         return self
 
+    @model_validator(mode="after")
+    def _splits_evenly_over_machines(self) -> Self:
+        if self.multi_node is None:
+            return self
+        nodes, tp = self.multi_node.nnodes, self.tensor_parallel_size
+        if self.role != "both":
+            raise ValueError(
+                f"role {self.role} cannot span machines: LMCache's P/D names one host for"
+                " every rank"
+            )
+        if self.world_size % nodes:
+            raise ValueError(
+                f"{self.world_size} GPU workers (tensorParallelSize x pipelineParallelSize) do"
+                f" not split evenly over {nodes} nodes: vLLM runs as many on every node"
+            )
+        if self.gpus_per_node % tp:
+            raise ValueError(
+                f"tensor-parallel groups of {tp} GPUs would span machines of"
+                f" {self.gpus_per_node} GPUs: their per-layer all-reduce needs a machine's"
+                " own links; split over machines with pipelineParallelSize"
+            )
+        return self
+
     @property
     def world_size(self) -> int:
         """GPU processes of this server: LMCache numbers its P/D ports by their rank."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def gpus_per_node(self) -> int:
+        """GPU workers on each machine, as vLLM counts them: world size / nnodes."""
+        return self.world_size // (self.multi_node.nnodes if self.multi_node else 1)
+
+    @property
+    def headless(self) -> bool:
+        """A rank of a pipeline over machines other than 0: GPU workers only, no HTTP."""
+        return self.multi_node is not None and self.multi_node.node_rank > 0
 
 
 def _json(value: Mapping[str, Any]) -> str:
@@ -345,6 +444,23 @@ def command(settings: VllmSettings) -> list[str]:
         "--gpu-memory-utilization",
         str(settings.gpu_memory_utilization),
     ]
+    node = settings.multi_node
+    if node is not None:
+        argv += [
+            # vLLM implies mp for nnodes > 1 on CUDA only; AMD peers need it said.
+            "--distributed-executor-backend",
+            "mp",
+            "--nnodes",
+            str(node.nnodes),
+            "--node-rank",
+            str(node.node_rank),
+            "--master-addr",
+            node.master_addr,
+            "--master-port",
+            str(node.master_port),
+        ]
+        if settings.headless:
+            argv.append("--headless")
     if settings.max_model_len is not None:
         argv += ["--max-model-len", str(settings.max_model_len)]
     argv += [
@@ -421,7 +537,45 @@ def environment(settings: VllmSettings, config_path: Path) -> dict[str, str]:
     env = {"PYTHONHASHSEED": str(settings.python_hash_seed)}
     if settings.lmcache is not None:
         env["LMCACHE_CONFIG_FILE"] = str(config_path)
+    if settings.multi_node is not None:
+        env["VLLM_HOST_IP"] = settings.multi_node.node_address
     return env
+
+
+def pipeline_ranks(
+    settings: VllmSettings, peers: Sequence[StagePeer], master_port: int = MASTER_PORT
+) -> list[VllmSettings]:
+    """The settings of every rank of `settings`' model split over `peers`, stage by stage.
+
+    vLLM's layout for several machines: tensor parallelism inside each machine, one pipeline
+    stage per machine; `settings`' parallel sizes are replaced. The first peer is rank 0,
+    which serves the API and hosts the rendezvous; the others run headless. vLLM runs as many
+    GPU workers on every machine, so a peer with more GPUs than the fewest lends only that
+    many, and must show vLLM only those.
+    """
+    if len(peers) < 2:
+        raise ValueError("a pipeline over machines needs two peers or more")
+    addresses = [peer.address for peer in peers]
+    if len(set(addresses)) < len(addresses):
+        raise ValueError(f"each rank needs its own machine, but {addresses} repeats one")
+    gpus = min(peer.gpus for peer in peers)
+    return [
+        VllmSettings.model_validate(
+            settings.model_dump()
+            | {
+                "tensor_parallel_size": gpus,
+                "pipeline_parallel_size": len(peers),
+                "multi_node": MultiNode(
+                    nnodes=len(peers),
+                    node_rank=rank,
+                    master_addr=addresses[0],
+                    master_port=master_port,
+                    node_address=address,
+                ),
+            }
+        )
+        for rank, address in enumerate(addresses)
+    ]
 
 
 def base_url(settings: VllmSettings) -> str:
@@ -556,14 +710,6 @@ def _token_text(token: Any) -> str:
     return str(token or "")
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        with path.open(errors="replace") as f:
-            return "".join(deque(f, maxlen=lines)).rstrip()
-    except OSError:
-        return "(no output)"
-
-
 class VllmBackend:
     """`vllm serve` as a child process, and generation over its OpenAI API."""
 
@@ -575,18 +721,27 @@ class VllmBackend:
         startup_timeout: float = 1800.0,
         stop_grace: float = 30.0,
         read_timeout: float = 600.0,
+        headless_grace: float = 60.0,
     ) -> None:
         """`workdir` receives the LMCache YAML and vLLM's log. Loading a large model from a
-        slow disk takes many minutes, hence the long default `startup_timeout`."""
+        slow disk takes many minutes, hence the long default `startup_timeout`. A headless
+        rank answers nothing: it counts as started once it has run `headless_grace` seconds,
+        the time vLLM's own checks (flags, model config, GPUs) take to fail; whether the
+        pipeline is whole shows in rank 0's health alone."""
         self.settings = settings
         self.workdir = workdir
-        self.startup_timeout = startup_timeout
-        self.stop_grace = stop_grace
         self.read_timeout = read_timeout
         self.url = base_url(settings)
         self.config_path = workdir / "lmcache.yaml"
         self.log_path = workdir / "vllm.log"
-        self._process: asyncio.subprocess.Process | None = None
+        self._child = ChildServer(
+            "vllm serve",
+            None if settings.headless else f"{self.url}/health",
+            self.log_path,
+            startup_timeout=startup_timeout,
+            stop_grace=stop_grace,
+            quiet_grace=headless_grace,
+        )
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -616,97 +771,49 @@ class VllmBackend:
             )
         )
 
+    def _api(self) -> httpx.AsyncClient:
+        if self._client is not None:
+            return self._client
+        if self.settings.headless:
+            raise HeadlessRankError("a headless rank serves no requests: rank 0's worker does")
+        raise RuntimeError("vLLM is not started")
+
     async def tokenize_async(self, text: str) -> list[int]:
         """The prompt's tokens, from vLLM's own tokenizer (its /tokenize endpoint)."""
-        if self._client is None:
-            raise RuntimeError("vLLM is not started")
         body = {"model": self.settings.served_model_name, "prompt": text}
-        response = await self._client.post("/tokenize", json=body)
+        response = await self._api().post("/tokenize", json=body)
         if response.status_code != 200:
             raise request_error(response.status_code, response.content)
         return [int(t) for t in response.json()["tokens"]]
 
-    def _prepare(self) -> int:
-        """Writes the LMCache YAML; the descriptor of a fresh log file for vLLM's output."""
+    def _prepare(self) -> None:
+        """Writes the LMCache YAML."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.settings.lmcache is not None:
             self.config_path.write_text(yaml.safe_dump(lmcache_config(self.settings)))
-        return os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     async def start(self) -> None:
-        """Starts vLLM and returns once it answers `/health`."""
-        if self._process is not None:
-            raise RuntimeError("vLLM is already started")
-        log = await asyncio.to_thread(self._prepare)
-        argv = command(self.settings)
-        logger.info("starting %s", " ".join(argv))
-        try:
-            # vLLM logs to stdout and prints tracebacks to stderr: one file keeps their order.
-            # Its own session, so that a kill reaches the engine and GPU workers it spawns.
-            self._process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, **environment(self.settings, self.config_path)},
-                start_new_session=True,
+        """Starts vLLM and returns once it answers `/health`, or, headless, once it has run
+        `headless_grace` seconds."""
+        await asyncio.to_thread(self._prepare)
+        if not self.settings.headless:
+            self._client = httpx.AsyncClient(
+                base_url=self.url, timeout=httpx.Timeout(10.0, read=self.read_timeout)
             )
-        except OSError as e:
-            raise VllmStartError(f"cannot run {argv[0]!r}: {e}") from e
-        finally:
-            os.close(log)
-        self._client = httpx.AsyncClient(
-            base_url=self.url, timeout=httpx.Timeout(10.0, read=self.read_timeout)
-        )
+        env = environment(self.settings, self.config_path)
         try:
-            await self._wait_healthy(self._process)
-        except BaseException:
+            await self._child.start(command(self.settings), env)
+        except ChildStartError as e:
             await self.stop()
-            raise
-
-    async def _wait_healthy(self, process: asyncio.subprocess.Process) -> None:
-        assert self._client is not None
-        deadline = time.monotonic() + self.startup_timeout
-        exited = asyncio.ensure_future(process.wait())
-        try:
-            while not exited.done():
-                with contextlib.suppress(httpx.TransportError):
-                    if (await self._client.get("/health", timeout=5.0)).status_code == 200:
-                        return
-                if time.monotonic() > deadline:
-                    tail = await asyncio.to_thread(_tail, self.log_path)
-                    raise VllmStartError(
-                        f"vllm serve was not healthy at {self.url} after"
-                        f" {self.startup_timeout:g} s; the end of {self.log_path}:\n{tail}"
-                    )
-                await asyncio.wait({exited}, timeout=1.0)  # wakes at once if vLLM exits
-        finally:
-            exited.cancel()
-        tail = await asyncio.to_thread(_tail, self.log_path)
-        raise VllmStartError(
-            f"vllm serve exited with code {process.returncode} before it was healthy;"
-            f" the end of {self.log_path}:\n{tail}"
-        )
+            raise VllmStartError(str(e)) from e
 
     async def stop(self) -> None:
-        """Asks vLLM to shut down, and kills its whole session if it has not after a grace."""
-        process, self._process = self._process, None
+        """Asks vLLM to shut down (it stops its engine and workers on SIGTERM), and kills its
+        whole session if it has not after a grace."""
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
-        if process is None:
-            return
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()  # vLLM shuts its engine and workers down on SIGTERM
-            try:
-                await asyncio.wait_for(process.wait(), self.stop_grace)
-            except TimeoutError:
-                logger.warning("vLLM did not stop within %g s: killing it", self.stop_grace)
-        # Its engine and GPU workers too, whether the server left them behind or not.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
+        await self._child.stop()
 
     async def stream(
         self,
@@ -721,15 +828,14 @@ class VllmBackend:
         Closing the iterator (or cancelling its task) closes the HTTP stream, and vLLM aborts
         a request whose client left. `kv_transfer_params` go to LMCache's connector (a
         disaggregated request's `disagg_spec`)."""
-        if self._client is None:
-            raise RuntimeError("vLLM is not started")
+        client = self._api()
         body = completion_request(
             self.settings.served_model_name, prompt, sampling, kv_transfer_params
         )
         reader = CompletionStream(usage)
         started = time.monotonic()
         try:
-            async with self._client.stream("POST", "/v1/completions", json=body) as response:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     raise request_error(response.status_code, await response.aread())
                 async for line in response.aiter_lines():
