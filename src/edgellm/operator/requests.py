@@ -44,7 +44,7 @@ from edgellm.operator.metrics import OperatorMetrics
 from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import SplitDecision, decide_split
-from edgellm.scheduling.layersplit import CannotSplit, LayerPlan, plan_layer_split
+from edgellm.scheduling.layersplit import CannotSplit, LayerPlan, place
 
 logger = logging.getLogger(__name__)
 
@@ -359,19 +359,18 @@ class RequestRunner:
     ) -> tuple[Decision, LayerPlan | None]:
         """The peer to run on; for a model too large for any one peer, its leader and the plan
         that splits its layers across peers."""
-        result = schedule(spec, candidates, self.profile, frozenset(excluded))
-        if isinstance(result, Decision):
-            return result, None
-        known = any(spec.model in {m.name for m in c.peer.spec.models} for c in candidates)
-        if not known:
-            message = f"no peer of the federation holds model {spec.model!r}; {result.message}"
+        tokens = _estimated_tokens(prompt)
+        placed = place(spec, candidates, self.profile, tokens, frozenset(excluded))
+        if isinstance(placed, Decision):
+            return placed, None
+        if isinstance(placed, LayerPlan):
+            return Decision(placed.leader, 0.0), placed
+        if isinstance(placed, CannotSplit):
+            raise RequestFailedError("ModelTooLarge", placed.message)
+        if not any(spec.model in {m.name for m in c.peer.spec.models} for c in candidates):
+            message = f"no peer of the federation holds model {spec.model!r}; {placed.message}"
             raise RequestFailedError("UnknownModel", message)
-        if not any(why.startswith("cannot hold") for why in result.reasons):
-            raise RequestFailedError("NoPeerAvailable", result.message)
-        plan = plan_layer_split(spec, candidates, _estimated_tokens(prompt), frozenset(excluded))
-        if isinstance(plan, CannotSplit):
-            raise RequestFailedError("ModelTooLarge", f"{result.message}; {plan.message}")
-        return Decision(plan.leader, 0.0), plan
+        raise RequestFailedError("NoPeerAvailable", placed.message)
 
     async def _generate(
         self,
@@ -404,7 +403,7 @@ class RequestRunner:
             "stream": True,
         }
         if layers is not None:
-            payload["split"] = _split_plan(layers)
+            payload["split"] = layers.to_worker()
         attempt.tokens = progress.tokens
         if sampling.max_tokens <= 0:  # an earlier attempt had finished; its last write was lost
             attempt.finish_reason = "length"
@@ -626,30 +625,11 @@ def _estimated_tokens(prompt: dict[str, Any]) -> int:
     return len(json.dumps(prompt)) // 4
 
 
-def _split_plan(layers: LayerPlan) -> dict[str, Any]:
-    """The plan as the leader's worker reads it (`worker/split.py`'s SplitPlan)."""
-    leader, *others = layers.stages
-    return {
-        "context": layers.context,
-        "leaderLayers": leader.layers,
-        "stages": [{"endpoint": _rpc_endpoint(s.candidate), "layers": s.layers} for s in others],
-    }
-
-
-def _rpc_endpoint(candidate: Candidate) -> str:
-    server = candidate.peer.spec.rpc_server
-    assert server is not None  # the planner lends layers only to peers that have one
-    return server.endpoint
-
-
 def _split_failure(
     decision: Decision, layers: LayerPlan | None, error: dict[str, Any]
 ) -> Exception:
     """A split's failure as the leader reported it: its lost stages, or else the leader's own."""
-    by_endpoint = {
-        _rpc_endpoint(s.candidate): s.candidate.name for s in (layers.stages[1:] if layers else ())
-    }
-    lost = {by_endpoint[e] for e in error.get("lostStages", []) if e in by_endpoint}
+    lost = layers.peers_at(error.get("lostStages", [])) if layers else set()
     if lost:
         return StagesLostError(lost, error["message"])
     return httpx.RemoteProtocolError(f"{decision.peer.name}: {error['message']}")

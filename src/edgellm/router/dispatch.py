@@ -33,6 +33,7 @@ from edgellm.router.policies import Policy, RoutingHistory, policy_profile, text
 from edgellm.router.tokenizers import GgufTokenizer
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import decide_split
+from edgellm.scheduling.layersplit import LayerPlan, place
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,12 @@ class WorkerRefusedError(DispatchError):
 
 
 class _WorkerFailedError(Exception):
-    """The worker broke off (not the request's fault): try another."""
+    """The worker broke off (not the request's fault): try another. With `peers`, the worker
+    leads a split and those of its stages failed: plan again without them."""
+
+    def __init__(self, message: str, peers: set[str] | None = None) -> None:
+        super().__init__(message)
+        self.peers = peers
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ class Dispatcher:
         blocks, text_keys = await self._prompt_keys(job)
         progress, excluded = _Progress(), set[str]()
         for attempt in range(1, self.max_attempts + 1):
-            decision = self._route(job, blocks, text_keys, frozenset(excluded))
+            decision, layers = self._place(job, blocks, text_keys, frozenset(excluded))
             peer = decision.peer.name
             if attempt == 1:
                 self.metrics.routing_seconds.observe(time.perf_counter() - started)
@@ -167,19 +173,26 @@ class Dispatcher:
             pending = set(blocks)
             self._pending.setdefault(peer, []).append(pending)
             try:
-                # A split is for the first attempt only: a retry computes what it needs itself.
-                split = (
-                    await self._prefill(job, decision, blocks, excluded) if attempt == 1 else None
-                )
-                source = split or self._from_ipfs(job, decision, blocks)
-                async for piece in self._generate(job, decision, attempt, progress, source):
+                # A P/D split is for the first attempt only: a retry computes what it needs itself;
+                # a model split by layers computes its prompt across its stages.
+                source = None
+                if layers is None:
+                    split = (
+                        await self._prefill(job, decision, blocks, excluded)
+                        if attempt == 1
+                        else None
+                    )
+                    source = split or self._from_ipfs(job, decision, blocks)
+                generation = self._generate(job, decision, attempt, progress, source, layers)
+                async for piece in generation:
                     yield piece
                 return
             except _WorkerFailedError as e:
                 logger.warning("%s failed request %s (attempt %d): %s", peer, job.id, attempt, e)
-                self.metrics.worker_failures.labels(peer).inc()
-                self.peers.failed(peer)
-                excluded.add(peer)
+                for failed in e.peers or {peer}:
+                    self.metrics.worker_failures.labels(failed).inc()
+                    self.peers.failed(failed)
+                    excluded.add(failed)
             finally:
                 self.peers.in_flight[peer] -= 1
                 self._pending[peer].remove(pending)
@@ -214,6 +227,24 @@ class Dispatcher:
             return [], []
         return prompt_block_keys(tokens, seed=self.hash_seed, block_size=self.block_size), []
 
+    def _place(
+        self,
+        job: Job,
+        blocks: list[ExternalBlockHash],
+        text_keys: list[int],
+        excluded: frozenset[str],
+    ) -> tuple[Decision, LayerPlan | None]:
+        """The worker to ask; for a model too large for any one peer, the leader of a split
+        and its plan."""
+        candidates = self._candidates(job, blocks, text_keys)
+        tokens = len(blocks) * self.block_size if blocks else len(job.text) // 4
+        placed = place(job.spec, candidates, self.profile, tokens, excluded | self.peers.failing())
+        if isinstance(placed, Decision):
+            return placed, None
+        if isinstance(placed, LayerPlan):
+            return Decision(placed.leader, 0.0), placed
+        raise NoWorkerError(f"no worker can take model {job.spec.model!r} now: {placed.message}")
+
     def _route(
         self,
         job: Job,
@@ -221,6 +252,17 @@ class Dispatcher:
         text_keys: list[int],
         excluded: frozenset[str],
     ) -> Decision:
+        candidates = self._candidates(job, blocks, text_keys)
+        result = schedule(job.spec, candidates, self.profile, excluded | self.peers.failing())
+        if not isinstance(result, Decision):
+            raise NoWorkerError(
+                f"no worker can take model {job.spec.model!r} now: {result.message}"
+            )
+        return result
+
+    def _candidates(
+        self, job: Job, blocks: list[ExternalBlockHash], text_keys: list[int]
+    ) -> list[Candidate]:
         candidates = []
         lookup = self.index.lookup(blocks, self._holder_names(job))
         for name, peer in self.peers.peers.items():
@@ -238,12 +280,7 @@ class Dispatcher:
                     in_flight=self.peers.in_flight[name],
                 )
             )
-        result = schedule(job.spec, candidates, self.profile, excluded | self.peers.failing())
-        if not isinstance(result, Decision):
-            raise NoWorkerError(
-                f"no worker can take model {job.spec.model!r} now: {result.message}"
-            )
-        return result
+        return candidates
 
     def _held(self, lookup: PromptLookup, peer: str) -> int:
         """The prompt's leading blocks `peer` has in memory, or is computing now."""
@@ -331,6 +368,7 @@ class Dispatcher:
         attempt: int,
         progress: _Progress,
         source: _KVSource | None,
+        layers: LayerPlan | None,
     ) -> AsyncIterator[Piece | Finished]:
         sampling = job.spec.sampling.model_copy(
             update={"max_tokens": job.spec.sampling.max_tokens - progress.tokens}
@@ -342,6 +380,7 @@ class Dispatcher:
             "sampling": sampling.to_wire(),
             "stream": True,
             **({"kvFrom": source.kv_from} if source and source.kv_from else {}),
+            **({"split": layers.to_worker()} if layers else {}),
         }
         prefill_peer = source.peer if source and source.prefilled else None
         url = f"{decision.peer.peer.spec.endpoint.rstrip('/')}/v1/generate"
@@ -349,6 +388,9 @@ class Dispatcher:
         try:
             async with self.client.stream("POST", url, json=body) as response:
                 if response.status_code >= 500:
+                    await response.aread()
+                    if layers is not None:
+                        raise _split_failure(_json(response), layers)
                     raise _WorkerFailedError(f"answered {response.status_code}")
                 if response.status_code >= 400:
                     await response.aread()
@@ -359,6 +401,8 @@ class Dispatcher:
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     event = json.loads(line.removeprefix("data: "))
+                    if "error" in event:  # a split's leader lost stages
+                        raise _split_failure(event, layers)
                     if "text" in event:
                         if progress.first_token_at is None:
                             progress.first_token_at = time.monotonic()
@@ -391,6 +435,20 @@ class Dispatcher:
             else progress.first_token_at - progress.started,
             prefill_peer=prefill_peer,
         )
+
+
+def _split_failure(body: Any, layers: LayerPlan | None) -> _WorkerFailedError:
+    """A split's leader's error: the stages it lost, or else its own failure."""
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    lost = layers.peers_at(error.get("lostStages", [])) if layers else set()
+    return _WorkerFailedError(str(error.get("message", "the split failed")), lost or None)
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def _message(response: httpx.Response) -> str:

@@ -18,14 +18,22 @@ plan says why with the figures.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from edgellm.api import InferenceRequestSpec, quantity_value
 from edgellm.api.peernode import LocalModel
-from edgellm.scheduling.framework import Candidate, Filter
+from edgellm.scheduling.framework import (
+    Candidate,
+    Decision,
+    Filter,
+    Profile,
+    Unschedulable,
+    schedule,
+)
 from edgellm.scheduling.plugins import (
+    CANNOT_HOLD,
     Decodes,
     Healthy,
     InClusters,
@@ -67,10 +75,47 @@ class LayerPlan:
             f"{s.candidate.name} layers {s.first_layer}-{s.last_layer}" for s in self.stages
         )
 
+    def to_worker(self) -> dict[str, Any]:
+        """The plan as the leader's worker reads it (`split` of its generate request)."""
+        leader, *lenders = self.stages
+        return {
+            "context": self.context,
+            "leaderLayers": leader.layers,
+            "stages": [
+                {"endpoint": _rpc_endpoint(stage.candidate), "layers": stage.layers}
+                for stage in lenders
+            ],
+        }
+
+    def peers_at(self, endpoints: Iterable[str]) -> set[str]:
+        """The lending peers whose RPC servers are at `endpoints` (the leader's lost stages)."""
+        by_endpoint = {_rpc_endpoint(s.candidate): s.candidate.name for s in self.stages[1:]}
+        return {by_endpoint[e] for e in endpoints if e in by_endpoint}
+
 
 @dataclass(frozen=True)
 class CannotSplit:
     message: str
+
+
+def place(
+    request: InferenceRequestSpec,
+    candidates: Sequence[Candidate],
+    profile: Profile,
+    prompt_tokens: int,
+    excluded: frozenset[str] = frozenset(),
+) -> Decision | LayerPlan | Unschedulable | CannotSplit:
+    """One peer when one can take the request; when peers hold the model but none has the
+    memory for it, a split of its layers across peers; otherwise why neither."""
+    single = schedule(request, candidates, profile, excluded)
+    if isinstance(single, Decision) or not any(
+        why.startswith(CANNOT_HOLD) for why in single.reasons
+    ):
+        return single
+    split = plan_layer_split(request, candidates, prompt_tokens, excluded)
+    if isinstance(split, CannotSplit):
+        return CannotSplit(f"{single.message}; {split.message}")
+    return split
 
 
 def split_context(prompt_tokens: int, max_tokens: int, model_context: int | None = None) -> int:
@@ -223,6 +268,12 @@ def _assign(chosen: list[Candidate], per_layer: int, layers: int) -> tuple[Stage
             stages.append(StagePlan(candidate, first, first + count - 1))
             first += count
     return tuple(stages)
+
+
+def _rpc_endpoint(candidate: Candidate) -> str:
+    server = candidate.peer.spec.rpc_server
+    assert server is not None  # only peers with one lend layers
+    return server.endpoint
 
 
 def _gib(size: float) -> str:

@@ -27,6 +27,9 @@ from edgellm.scheduling.framework import (
     WeightedScorer,
 )
 
+CANNOT_HOLD = "cannot hold"
+"""How `HasRoom` begins its reason: a peer too small for the model, which a split may solve."""
+
 
 def peer_memory(spec: PeerNodeSpec) -> float:
     """Bytes the peer gives to workers: its memory and its accelerators'."""
@@ -81,7 +84,7 @@ class HasRoom:
         size = next((m.size_bytes for m in spec.models if m.name == request.model), None)
         memory = peer_memory(spec)
         if size is not None and size > memory:
-            return f"cannot hold {size / 2**30:.1f} GiB of weights in {memory / 2**30:.1f} GiB"
+            return f"{CANNOT_HOLD} {size / 2**30:.1f} GiB of weights in {memory / 2**30:.1f} GiB"
         return None
 
 
