@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +41,18 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
     federation = LocalFederation(tmp_path_factory.mktemp("federation"))
     federation.up(3, progress=lambda line: None)
     try:
-        definitions = [custom_resource_definition(k) for k in KINDS]
         for cluster in federation.clusters:
-            with api_client(cluster.kubeconfig("admin")) as api:
-                install_crds(api, definitions)
-                apply(api, federation_manifests(cluster.name))
+            prepare_cluster(cluster)
         yield federation
     finally:
         federation.down()
+
+
+def prepare_cluster(cluster: LocalCluster, *crds: dict[str, Any]) -> None:
+    """Installs EdgeLLM's CRDs, then `crds`, and the federation's roles."""
+    with api_client(cluster.kubeconfig("admin")) as api:
+        install_crds(api, [*(custom_resource_definition(k) for k in KINDS), *crds])
+        apply(api, federation_manifests(cluster.name))
 
 
 @pytest.fixture(scope="session")
@@ -161,13 +165,14 @@ def edgellm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 
 @dataclass
 class OperatorProcess:
-    """`edgellm operator` for one cluster, with fast intervals for tests."""
+    """`edgellm operator` for one cluster, with fast intervals for tests, and `options`."""
 
     cluster: str
     kubeconfig: Path
     log: Path
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    options: tuple[str, ...] = ()
 
     def start(self) -> None:
         with self.log.open("ab") as log:
@@ -184,6 +189,7 @@ class OperatorProcess:
                     "--pool-interval=1",
                     "--inline-output-limit=4096",
                     f"--metrics-port={self.metrics_port}",
+                    *self.options,
                     "--verbose",
                 ],
                 stdout=log,
@@ -286,6 +292,38 @@ def worker_process(model: Path, *options: str) -> Iterator[Worker]:
             process.wait()
 
 
+@contextmanager
+def router_process(kubeconfig: Path, log: Path, *options: str) -> Iterator[str]:
+    """`edgellm router` over kubeconfig's cluster (edge-1) on a free port, once it answers
+    /healthz; its URL. Its log is printed at the end."""
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "edgellm", "router", f"--kubeconfig={kubeconfig}"),
+                *("--cluster=edge-1", f"--port={port}", "--peer-refresh=1", "--verbose"),
+                *options,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        eventually(healthy, 60, "the router answers /healthz")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        print(log.read_text()[-4000:])
+
+
 @dataclass
 class ServingPeer:
     name: str
@@ -294,21 +332,38 @@ class ServingPeer:
 
 @contextmanager
 def serving_peer(
-    kubeconfig: Path, name: str, model: Path, kv_events: bool = False
+    kubeconfig: Path,
+    name: str,
+    model: Path,
+    kv_events: bool = False,
+    worker_options: Sequence[str] = (),
+    join_options: Sequence[str] = (),
 ) -> Iterator[ServingPeer]:
     """A worker serving `model`, joined as the peer `name` of kubeconfig's cluster, once it is
     Ready there; it leaves at the end. With `kv_events`, it publishes them and says where."""
     port = free_port()
     publish = [f"--kv-events=tcp://*:{port}"] if kv_events else []
     advertise = [f"--kv-events=tcp://127.0.0.1:{port}"] if kv_events else []
-    with worker_process(model, *publish) as worker, tempfile.TemporaryFile() as log:
+    with (
+        worker_process(model, *publish, *worker_options) as worker,
+        joined_peer(kubeconfig, name, worker.url, model.parent, *advertise, *join_options),
+    ):
+        yield ServingPeer(name, worker)
+
+
+@contextmanager
+def joined_peer(
+    kubeconfig: Path, name: str, endpoint: str, models_dir: Path, *options: str
+) -> Iterator[None]:
+    """`edgellm join` of the peer `name`, once it is Ready; it leaves at the end."""
+    with tempfile.TemporaryFile() as log:
         join = subprocess.Popen(
             [
                 *(sys.executable, "-m", "edgellm", "join", f"--kubeconfig={kubeconfig}"),
                 f"--name={name}",
-                f"--endpoint={worker.url}",
-                f"--models-dir={model.parent}",
-                *advertise,
+                f"--endpoint={endpoint}",
+                f"--models-dir={models_dir}",
+                *options,
                 "--verbose",
             ],
             stdout=log,
@@ -323,7 +378,7 @@ def serving_peer(
                 log.seek(0)
                 print(f"--- edgellm join {name} ---\n{log.read().decode(errors='replace')[-4000:]}")
                 raise
-            yield ServingPeer(name, worker)
+            yield
         finally:
             join.terminate()
             join.wait(timeout=30)

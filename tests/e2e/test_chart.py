@@ -135,16 +135,38 @@ def test_every_container_has_probes_and_resources(case: str) -> None:
             assert container["resources"]["limits"]["memory"]
 
 
-def test_the_operator_runs_alone_with_its_cluster_and_metrics_port() -> None:
+def test_the_operator_runs_with_its_cluster_and_metrics_port() -> None:
     objects = render("--set=cluster.name=home-a", "--set=operator.metricsPort=9191")
     operator = by_component(objects, "Deployment", "operator")
-    assert operator["spec"]["replicas"] == 1
-    assert operator["spec"]["strategy"] == {"type": "Recreate"}
     (container,) = _containers(operator)
     assert container["command"] == ["edgellm"]
     assert container["args"][:3] == ["operator", "--cluster=home-a", "--metrics-port=9191"]
     assert container["ports"] == [{"name": "metrics", "containerPort": 9191, "protocol": "TCP"}]
     assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+
+
+@pytest.mark.parametrize(
+    ("values", "replicas", "lifetime"),
+    [([], 2, 15), (["--set=operator.replicas=3", "--set=operator.peeringLifetime=30"], 3, 30)],
+)
+def test_the_operator_replicas_join_the_release_s_peering(
+    values: list[str], replicas: int, lifetime: int
+) -> None:
+    objects = render(*values)
+    operator = by_component(objects, "Deployment", "operator")
+    assert operator["spec"]["replicas"] == replicas
+    # One works, the others stand by: a new pod may start before an old one stops.
+    assert operator["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    (container,) = _containers(operator)
+    assert "--peering=edgellm-operator" in container["args"]
+    assert f"--peering-lifetime={lifetime}" in container["args"]
+    (peering,) = of_kind(objects, "ClusterKopfPeering")
+    assert peering["apiVersion"] == "kopf.dev/v1"
+    assert peering["metadata"]["name"] == "edgellm-operator"
+    assert "namespace" not in peering["metadata"]
 
 
 def test_the_router_takes_its_settings_from_values() -> None:
@@ -193,6 +215,7 @@ def test_the_operator_holds_exactly_the_permissions_it_uses() -> None:
         ("", "secrets"): ("get",),
         ("", "configmaps"): ("get", "create", "update"),
         ("", "events"): ("create",),
+        ("kopf.dev", "clusterkopfpeerings"): ("get", "list", "watch", "patch"),
         ("apiextensions.k8s.io", "customresourcedefinitions"): ("list", "watch"),
     }
     (leases,) = [r for r in of_kind(objects, "Role") if r["metadata"]["name"].endswith("leases")]
@@ -233,6 +256,7 @@ def test_defaults_render_no_monitoring_dashboards_or_pools() -> None:
         "RoleBinding",
         "Service",
         "Deployment",
+        "ClusterKopfPeering",
     }
 
 
@@ -264,7 +288,7 @@ def test_a_worker_pool_in_values_renders_a_workerpool_with_the_worker_image() ->
     assert pool["spec"] == {**POOL["spec"], "image": f"ghcr.io/edgellm/worker:{version}"}
 
 
-def test_the_crds_are_the_generated_ones() -> None:
+def test_the_crds_are_the_generated_ones_and_kopfs_peering() -> None:
     result = helm("template", RELEASE, str(CHART), "--include-crds")
     assert result.returncode == 0, result.stderr
     crds = [
@@ -273,6 +297,7 @@ def test_the_crds_are_the_generated_ones() -> None:
         if d and d["kind"] == "CustomResourceDefinition"
     ]
     assert sorted(c["metadata"]["name"] for c in crds) == [
+        "clusterkopfpeerings.kopf.dev",
         "federationmembers.edgellm.io",
         "inferencerequests.edgellm.io",
         "peernodes.edgellm.io",
@@ -287,7 +312,8 @@ def test_the_crds_are_the_generated_ones() -> None:
         ("--set=router.policy=fastest", "/router/policy"),
         ("--set=replicaCount=2", "'replicaCount'"),
         ("--set=router.replicas=three", "/router/replicas"),
-        ("--set=operator.replicas=2", "/operator/replicas"),
+        ("--set=operator.replicas=0", "/operator/replicas"),
+        ("--set=operator.peeringLifetime=2", "/operator/peeringLifetime"),
         ("--set=podSecurity.runAsUser=0", "/podSecurity/runAsUser"),
         ("--set=router.rateLimit=lots", "/router/rateLimit"),
     ],
@@ -383,7 +409,7 @@ def test_install_binds_the_pods_to_kwok_nodes_and_uninstall_leaves_only_the_crds
         return bound if len(bound) == replicas else None
 
     nodes = {f"{cluster.name}-cpu-0", f"{cluster.name}-cpu-1", f"{cluster.name}-gpu-0"}
-    for component, replicas in (("operator", 1), ("router", 2)):
+    for component, replicas in (("operator", 2), ("router", 2)):
         pods = eventually(
             functools.partial(running, component, replicas),
             WAIT,
@@ -401,8 +427,14 @@ def test_install_binds_the_pods_to_kwok_nodes_and_uninstall_leaves_only_the_crds
         )
     crds = kubectl(kubeconfig_file, context, "get", "crds", "-o", "name")
     assert crds.returncode == 0, crds.stderr
-    for name in ("peernodes", "inferencerequests", "workerpools", "federationmembers"):
-        assert f"customresourcedefinition.apiextensions.k8s.io/{name}.edgellm.io" in crds.stdout
+    for name in (
+        "peernodes.edgellm.io",
+        "inferencerequests.edgellm.io",
+        "workerpools.edgellm.io",
+        "federationmembers.edgellm.io",
+        "clusterkopfpeerings.kopf.dev",
+    ):
+        assert f"customresourcedefinition.apiextensions.k8s.io/{name}" in crds.stdout
 
 
 def _containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:

@@ -3,8 +3,6 @@ process over real llama.cpp workers joined as peers of two federated clusters, i
 real Secret, its KV index fed by the workers' KV events."""
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubernetes import client
 
-from edgellm.dev.cluster import free_port
 from edgellm.dev.federation import LocalFederation
 from edgellm.kube import api_client
 from edgellm.worker.models import TINY, write_model
@@ -26,6 +23,7 @@ from tests.e2e.conftest import (
     ServingPeer,
     eventually,
     peer_ready,
+    router_process,
     serving_peer,
 )
 
@@ -82,33 +80,18 @@ def router(
         ) as remote,
     ):
         eventually(lambda: peer_ready(edge1, remote.name), 60, "edge-1 sees edge-2's peer")
-        port = free_port()
         log = tmp_path_factory.mktemp("router") / "router.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "edgellm", "router", f"--kubeconfig={kubeconfig}"),
-                    *("--cluster=edge-1", f"--port={port}", "--peer-refresh=1"),
-                    *(f"--rate-limit={RATE_LIMIT}/minute", "--failure-cooldown=30", "--verbose"),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}"
+        limits = (f"--rate-limit={RATE_LIMIT}/minute", "--failure-cooldown=30")
+        with router_process(kubeconfig, log, *limits) as url:
 
-        def serving_both() -> bool:
-            try:
-                return int(httpx.get(f"{url}/healthz", timeout=2).json()["peers"]) >= 2
-            except (httpx.HTTPError, ValueError):
-                return False
+            def serving_both() -> bool:
+                try:
+                    return int(httpx.get(f"{url}/healthz", timeout=2).json()["peers"]) >= 2
+                except (httpx.HTTPError, ValueError):
+                    return False
 
-        try:
             eventually(serving_both, 60, "the router lists both peers")
             yield Router(url, {local.name: local, remote.name: remote})
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-            print(log.read_text()[-4000:])
 
 
 def test_chat_completions_answer_through_the_openai_client(router: Router) -> None:

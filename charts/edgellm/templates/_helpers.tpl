@@ -42,6 +42,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.operator.serviceAccount.name | default (printf "%s-operator" (include "edgellm.fullname" .)) -}}
 {{- end -}}
 
+{{/* The ClusterKopfPeering of the operator's replicas: cluster-scoped, so one per release. */}}
+{{- define "edgellm.operator.peering" -}}
+{{- printf "%s-operator" (include "edgellm.fullname" .) -}}
+{{- end -}}
+
 {{- define "edgellm.router.serviceAccount" -}}
 {{- .Values.router.serviceAccount.name | default (printf "%s-router" (include "edgellm.fullname" .)) -}}
 {{- end -}}

@@ -44,6 +44,21 @@ def run_operator(
     metrics_port: Annotated[
         int, typer.Option(help="Prometheus /metrics port; 0 turns it off.")
     ] = 9090,
+    peering: Annotated[
+        str | None,
+        typer.Option(
+            help="Join this ClusterKopfPeering (it must exist): of the operators in it, the one"
+            " started first works and the others stand by to take over. Default: standalone."
+        ),
+    ] = None,
+    peering_lifetime: Annotated[
+        int,
+        typer.Option(
+            min=5,
+            help="Seconds before the others of the peering take over from this operator when it"
+            " stops without a word (killed, its node lost).",
+        ),
+    ] = 15,
     verbose: VerboseOption = False,
 ) -> None:
     """Run the operator: peer health, Nodes as peers, federation membership and mirroring,
@@ -61,5 +76,7 @@ def run_operator(
             kv_hash_seed=kv_hash_seed,
             scheduler_profile=profile,
             metrics_port=metrics_port,
+            peering=peering,
+            peering_lifetime_seconds=peering_lifetime,
         )
     )

@@ -2,7 +2,8 @@
 
 Handlers stay thin: they hand watch events and timers to the `Runtime`, which holds the logic's
 state, and to the `PoolReconciler` of worker pools. Nothing registers at import time:
-`build_registry(settings)` returns a fresh registry.
+`build_registry(settings)` returns a fresh registry. With a peering, kopf pauses the handlers of
+every replica but one, and `Leadership` runs the loops of that one only.
 """
 
 import asyncio
@@ -12,11 +13,13 @@ from typing import Any
 
 import kopf
 import yaml
+from kopf._core.engines.peering import Identity  # the type of kopf's `identity`; not exported
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
 from edgellm.api.inferencerequest import TERMINAL_PHASES
 from edgellm.kube import new_api_client
+from edgellm.operator.leadership import Leadership, Replica
 from edgellm.operator.metrics import OperatorMetrics
 from edgellm.operator.nodepeers import NODE_PEER_LABEL
 from edgellm.operator.poolreconciler import PoolReconciler
@@ -25,11 +28,13 @@ from edgellm.operator.settings import OperatorSettings
 
 RUNTIME = "runtime"
 POOLS = "pools"
+LEADERSHIP = "leadership"
 
 
 def build_registry(
-    operator_settings: OperatorSettings, metrics: OperatorMetrics
+    operator_settings: OperatorSettings, metrics: OperatorMetrics, replica: Replica | None = None
 ) -> kopf.OperatorRegistry:
+    """The operator's handlers; `replica` is this process in its peering, None standalone."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -43,16 +48,37 @@ def build_registry(
     async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING  # our Events are explicit; no log chatter
         settings.watching.server_timeout = 60
+        settings.peering.lifetime = operator_settings.peering_lifetime_seconds
         memo[RUNTIME] = runtime = Runtime(operator_settings, _local_client(), metrics)
-        runtime.start()
         memo[POOLS] = pools = PoolReconciler(
             runtime.local, runtime.events, operator_settings.pool_interval_seconds
         )
-        pools.start()
+
+        async def lead(leading: bool) -> None:
+            if leading:
+                await runtime.start()
+                pools.start()
+            else:
+                await pools.stop()
+                await runtime.pause()
+            metrics.leading.set(int(leading))
+
+        if replica is None:
+            await lead(True)  # before kopf's first watch event
+            return
+        memo[LEADERSHIP] = leadership = Leadership(
+            runtime.local,
+            replica,
+            operator_settings.leadership_interval_seconds,
+            lead,
+        )
+        leadership.start()
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
         runtime: Runtime = memo[RUNTIME]
+        if LEADERSHIP in memo:
+            await memo[LEADERSHIP].stop()
         await memo[POOLS].stop()
         await runtime.stop()
         runtime.local.close()
@@ -82,15 +108,22 @@ def build_registry(
         body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any
     ) -> None:
         # One daemon per request while it lives; it returns once the request is finished, and
-        # kopf does not restart a daemon that returned. `stopped` is set when it is deleted.
+        # kopf does not restart a daemon that returned. `stopped` is set when it is deleted, or
+        # when kopf pauses this replica (it starts the daemon again where it resumes).
         if body.get("status", {}).get("phase") in TERMINAL_PHASES:
             return
+        runtime: Runtime = memo[RUNTIME]
         waiter = asyncio.Event()
         watch = asyncio.create_task(_flag(stopped, waiter))
+        # On a takeover, kopf may resume requests before this replica has read the peers anew.
+        leading = asyncio.create_task(runtime.leading.wait())
         try:
-            await memo[RUNTIME].requests.run(_plain(body), waiter)
+            await asyncio.wait({watch, leading}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.is_set():
+                await runtime.requests.run(_plain(body), waiter)
         finally:
             watch.cancel()
+            leading.cancel()
 
     @kopf.timer(
         "",
@@ -131,12 +164,18 @@ def run(settings: OperatorSettings) -> None:
     metrics = OperatorMetrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="0.0.0.0", registry=metrics.registry)
-    registry = build_registry(settings, metrics)
+    replica = None if settings.peering is None else Replica.of_this_process(settings.peering)
+    registry = build_registry(settings, metrics, replica)
+    # Cluster-wide, so kopf peers through a ClusterKopfPeering (never a namespaced KopfPeering).
+    # Standalone unless asked: kopf would otherwise join any peering named `default` it finds.
     asyncio.run(
         kopf.operator(
             registry=registry,
             clusterwide=True,
-            standalone=True,
+            standalone=replica is None,
+            peering_name=None if replica is None else replica.peering,
+            priority=None if replica is None else replica.priority,
+            identity=None if replica is None else Identity(replica.identity),
             memo=kopf.Memo(),
         )
     )

@@ -16,6 +16,12 @@ class OperatorMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
+        self.leading = Gauge(
+            "edgellm_operator_leading",
+            "1 while this operator works (always when standalone), 0 while it stands by for"
+            " another replica of its peering.",
+            registry=self.registry,
+        )
         self.peers = Gauge(
             "edgellm_operator_peers",
             "PeerNodes this cluster sees, by owning cluster and state.",

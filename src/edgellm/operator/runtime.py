@@ -1,7 +1,8 @@
 """The operator's long-running work: peer health, one mirror syncer per federation member, and
 PeerNodes for labelled Nodes.
 
-Created by the kopf startup handler (`app.py`) and fed by its watch handler. Kubernetes calls
+Created by the kopf startup handler (`app.py`) and fed by its watch handler; its loops run while
+this operator leads (always when standalone; see `leadership`). Kubernetes calls
 use the sync client in worker threads, each remote call with a timeout, so a member that is
 down or partitioned slows only its own syncer. Decisions are the plain functions of
 `peerhealth`, `nodepeers` and `edgellm.federation.mirror`.
@@ -93,28 +94,50 @@ class Runtime:
         # False while this cluster's own apiserver fails: our view of our peers is then stale,
         # and mirroring it would overwrite what the other members rightly concluded.
         self.local_reachable = True
+        # Set while this operator leads and its view of the peers is fresh: requests wait for it.
+        self.leading = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        # Before kopf's first watch event: a request resumed after a restart must not find an
-        # empty federation and fail for want of peers.
-        listed = client.CustomObjectsApi(self.local).list_cluster_custom_object(
-            GROUP, VERSION, "peernodes"
+    async def start(self) -> None:
+        """Starts leading: a fresh view of the peers, then the health and federation loops."""
+        # A request resumed after a restart or a takeover must not find an empty federation and
+        # fail for want of peers; a standby's view misses what changed while another led.
+        listed = await asyncio.to_thread(
+            client.CustomObjectsApi(self.local).list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            "peernodes",
         )
-        for peer in listed["items"]:
+        current = {p["metadata"]["name"]: p for p in listed["items"]}
+        for name in self.peers.keys() - current.keys():
+            self.on_peer_event("DELETED", self.peers[name])
+        for peer in current.values():
             self.on_peer_event(None, peer)
         self._tasks = [
             asyncio.create_task(self._health_loop(), name="peer-health"),
             asyncio.create_task(self._members_loop(), name="federation-members"),
         ]
+        self.leading.set()
 
-    async def stop(self) -> None:
-        tasks = self._tasks + [s.task for s in self.syncers.values()]
+    async def pause(self) -> None:
+        """Stops the loops while another replica leads. The KV-event subscriptions go on: the
+        index stays warm for a takeover."""
+        self.leading.clear()
+        syncers = list(self.syncers.values())
+        self.syncers.clear()
+        tasks = self._tasks + [s.task for s in syncers]
+        self._tasks = []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for syncer in syncers:
+            if syncer.member is not None:
+                syncer.member.api.close()
+
+    async def stop(self) -> None:
+        await self.pause()
         await self.kv_events.stop()
         await self.requests.close()
 

@@ -35,3 +35,13 @@ class OperatorSettings(BaseModel):
     """How often every WorkerPool is sized to its demand and its workers' state read."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 turns it off."""
+    peering: str | None = Field(
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    )
+    """The ClusterKopfPeering this operator joins: of its replicas, the one started first works
+    and the others stand by. None: standalone, the only operator of its cluster."""
+    peering_lifetime_seconds: int = Field(default=15, ge=5)
+    """How long this operator's keep-alive in the peering stays valid: the others take over
+    this long after it stopped without saying so (killed, its node lost); at once otherwise."""
+    leadership_interval_seconds: float = Field(default=1.0, gt=0)
+    """How often the peering is read to start or stop the operator's own loops."""
