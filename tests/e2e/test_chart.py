@@ -257,7 +257,24 @@ def test_defaults_render_no_monitoring_dashboards_or_pools() -> None:
         "Service",
         "Deployment",
         "ClusterKopfPeering",
+        "PodDisruptionBudget",
     }
+
+
+def test_operator_replicas_get_a_disruption_budget_and_prefer_different_nodes() -> None:
+    objects = render()
+    (budget,) = of_kind(objects, "PodDisruptionBudget")
+    operator = by_component(objects, "Deployment", "operator")
+    pod_labels = operator["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (term,) = operator["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    single = render("--set=operator.replicas=1")
+    assert not of_kind(single, "PodDisruptionBudget")
 
 
 def test_monitoring_renders_monitors_and_a_configmap_per_dashboard() -> None:

@@ -36,6 +36,7 @@ REQUIRED = {
         "edgellm_operator_peer_accelerators",
         "edgellm_operator_federation_members",
         "edgellm_operator_federation_sync_lag_seconds",
+        "edgellm_operator_leading",
     },
     "router": {
         "edgellm_router_requests",
