@@ -7,11 +7,12 @@ from pydantic import ValidationError
 
 from edgellm.api import InferenceRequestSpec, PeerNode
 from edgellm.api.peernode import LocalModel
-from edgellm.scheduling import Candidate
+from edgellm.scheduling import Candidate, Decision, Unschedulable, default_profile
 from edgellm.scheduling.layersplit import (
     CannotSplit,
     LayerPlan,
     layer_bytes,
+    place,
     plan_layer_split,
     split_context,
 )
@@ -168,3 +169,19 @@ def test_a_split_plan_for_a_leader_is_checked() -> None:
     ):
         with pytest.raises(ValidationError):
             SplitPlan.model_validate(bad)
+
+
+def test_place_prefers_one_peer_and_splits_only_for_want_of_memory() -> None:
+    profile = default_profile()
+    roomy = [_peer("head", 200, holds=True), _peer("b", 60)]
+    assert isinstance(place(REQUEST, roomy, profile, 10), Decision)
+    tight = [_peer("head", 30, holds=True), _peer("b", 60)]
+    assert isinstance(place(REQUEST, tight, profile, 10), LayerPlan)
+    nobody = [_peer("a", 500), _peer("b", 500)]
+    assert isinstance(place(REQUEST, nobody, profile, 10), Unschedulable)
+    down = [_peer("head", 200, holds=True, ready=False), _peer("b", 60)]
+    assert isinstance(place(REQUEST, down, profile, 10), Unschedulable)  # not a memory problem
+    hopeless = place(REQUEST, [_peer("head", 30, holds=True), _peer("b", 25)], profile, 10)
+    assert isinstance(hopeless, CannotSplit)
+    assert "cannot hold 0.1 GiB of weights" in hopeless.message  # why no single peer
+    assert "3 short" in hopeless.message  # and why no split
