@@ -260,6 +260,14 @@ class Worker:
     process: subprocess.Popen[bytes]
 
 
+def answers(url: str) -> bool:
+    """Whether the server at `url` answers its /healthz."""
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 @contextmanager
 def worker_process(model: Path, *options: str) -> Iterator[Worker]:
     """`edgellm worker` serving `model` on a free loopback port, once it answers /healthz."""
@@ -273,15 +281,8 @@ def worker_process(model: Path, *options: str) -> Iterator[Worker]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        eventually(healthy, 60, f"the worker for {model.name} answers /healthz")
+        eventually(lambda: answers(url), 60, f"the worker for {model.name} answers /healthz")
         yield Worker(url, process)
     finally:
         process.terminate()
@@ -290,6 +291,14 @@ def worker_process(model: Path, *options: str) -> Iterator[Worker]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def routed_peers(url: str) -> int:
+    """How many peers the router at `url` routes to; 0 while it does not answer."""
+    try:
+        return int(httpx.get(f"{url}/healthz", timeout=2).json()["peers"])
+    except (httpx.HTTPError, ValueError):
+        return 0
 
 
 @contextmanager
@@ -308,15 +317,8 @@ def router_process(kubeconfig: Path, log: Path, *options: str) -> Iterator[str]:
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        eventually(healthy, 60, "the router answers /healthz")
+        eventually(lambda: answers(url), 60, "the router answers /healthz")
         yield url
     finally:
         process.terminate()

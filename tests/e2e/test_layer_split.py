@@ -30,6 +30,7 @@ from tests.e2e.conftest import (
     joined_peer,
     output_text,
     request_events,
+    routed_peers,
     router_process,
     serving_peer,
     worker_process,
@@ -205,7 +206,7 @@ def test_the_router_serves_a_split_model_through_the_openai_client(
         cluster_kubeconfigs["edge-1"], tmp_path / "router.log", "--anonymous"
     ) as url:
         eventually(
-            lambda: httpx.get(f"{url}/healthz").json()["peers"] >= 1 + len(split.stages),
+            lambda: routed_peers(url) >= 1 + len(split.stages),
             60,
             "the router lists the leader and the stages",
         )

@@ -4,7 +4,6 @@ dashboards chart; a real Prometheus scrapes all three and answers every dashboar
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,13 @@ from edgellm.dev.federation import LocalFederation
 from edgellm.dev.tools import tool
 from edgellm.kube import api_client
 from edgellm.worker.models import TINY, write_model
-from tests.e2e.conftest import OperatorProcess, eventually, serving_peer
+from tests.e2e.conftest import (
+    OperatorProcess,
+    eventually,
+    routed_peers,
+    router_process,
+    serving_peer,
+)
 
 GROUP, VERSION = "edgellm.io", "v1alpha1"
 DASHBOARDS = Path(__file__).parents[2] / "charts" / "edgellm" / "dashboards"
@@ -127,31 +132,13 @@ def served(
     model = write_model(tmp_path_factory.mktemp("models") / "tiny-random.gguf", TINY)
     kubeconfig = cluster_kubeconfigs["edge-1"]
     with serving_peer(kubeconfig, "edge-1-metrics", model, kv_events=True) as peer:
-        port = free_port()
         log = tmp_path_factory.mktemp("router") / "router.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "edgellm", "router", f"--kubeconfig={kubeconfig}"),
-                    *("--cluster=edge-1", f"--port={port}", "--peer-refresh=1", "--anonymous"),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        router = f"http://127.0.0.1:{port}"
-
-        def routing() -> bool:
-            try:
-                return int(httpx.get(f"{router}/healthz", timeout=2).json()["peers"]) >= 1
-            except (httpx.HTTPError, ValueError):
-                return False
-
-        try:
-            eventually(routing, 60, "the router lists the peer")
+        with router_process(kubeconfig, log, "--anonymous") as router:
+            eventually(lambda: routed_peers(router) >= 1, 60, "the router lists the peer")
             served = Served(
                 {
                     "operator": f"127.0.0.1:{operators['edge-1'].metrics_port}",
-                    "router": f"127.0.0.1:{port}",
+                    "router": router.removeprefix("http://"),
                     "worker": peer.worker.url.removeprefix("http://"),
                 },
                 router,
@@ -161,9 +148,6 @@ def served(
             status = _inference_request(joined, "metrics-request")
             assert status["phase"] == "Succeeded", status
             yield served
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
 
 
 def _scrape(target: str) -> str:

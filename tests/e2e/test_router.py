@@ -23,6 +23,7 @@ from tests.e2e.conftest import (
     ServingPeer,
     eventually,
     peer_ready,
+    routed_peers,
     router_process,
     serving_peer,
 )
@@ -83,14 +84,7 @@ def router(
         log = tmp_path_factory.mktemp("router") / "router.log"
         limits = (f"--rate-limit={RATE_LIMIT}/minute", "--failure-cooldown=30")
         with router_process(kubeconfig, log, *limits) as url:
-
-            def serving_both() -> bool:
-                try:
-                    return int(httpx.get(f"{url}/healthz", timeout=2).json()["peers"]) >= 2
-                except (httpx.HTTPError, ValueError):
-                    return False
-
-            eventually(serving_both, 60, "the router lists both peers")
+            eventually(lambda: routed_peers(url) >= 2, 60, "the router lists both peers")
             yield Router(url, {local.name: local, remote.name: remote})
 
 
