@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -116,6 +117,21 @@ def peer_ready(kubeconfig: dict[str, Any], name: str) -> bool:
             return False
     conditions = body.get("status", {}).get("conditions", [])
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def create_fresh_peer(objects: client.CustomObjectsApi, name: str, spec: dict[str, Any]) -> None:
+    """A PeerNode with one heartbeat, as `edgellm join` writes it, and no process behind it: its
+    `heartbeatTTLSeconds` says how long the operator keeps it Ready."""
+    objects.create_cluster_custom_object(
+        "edgellm.io", "v1alpha1", "peernodes", manifest("PeerNode", spec, name)
+    )
+    objects.patch_cluster_custom_object_status(
+        "edgellm.io",
+        "v1alpha1",
+        "peernodes",
+        name,
+        {"status": {"lastHeartbeatTime": datetime.now(UTC).isoformat()}},
+    )
 
 
 def request_events(federation: LocalFederation, name: str) -> list[Any]:

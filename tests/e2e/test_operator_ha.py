@@ -10,7 +10,6 @@ peer-health passes, and `edgellm_operator_leading`.
 
 import socket
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from edgellm.kube import api_client
 from edgellm.operator.leadership import PEERING_GROUP, PEERING_PLURAL, PEERING_VERSION
 from tests.e2e.conftest import (
     OperatorProcess,
+    create_fresh_peer,
     eventually,
     manifest,
     peer_ready,
@@ -152,16 +152,7 @@ def _create_ready_peer(objects: client.CustomObjectsApi, cluster: LocalCluster, 
         "resources": {"cpu": 1, "memory": "1Gi"},
         "heartbeatTTLSeconds": 3600,
     }
-    objects.create_cluster_custom_object(
-        GROUP, VERSION, "peernodes", manifest("PeerNode", spec, name)
-    )
-    objects.patch_cluster_custom_object_status(
-        GROUP,
-        VERSION,
-        "peernodes",
-        name,
-        {"status": {"lastHeartbeatTime": datetime.now(UTC).isoformat()}},
-    )
+    create_fresh_peer(objects, name, spec)
     kubeconfig = cluster.kubeconfig("admin")
     eventually(lambda: peer_ready(kubeconfig, name), WAIT, f"the peer {name} is Ready")
 

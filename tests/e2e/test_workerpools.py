@@ -9,7 +9,6 @@ Kubernetes decides about them (placement, resources, ownership, readiness as KWO
 
 import socket
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from edgellm.dev.cluster import LocalCluster
 from edgellm.federation.rbac import OPERATOR_SERVICE_ACCOUNT, OPERATORS_GROUP
 from edgellm.kube import api_client
 from edgellm.operator.workerpools import POOL_LABEL
-from tests.e2e.conftest import OperatorProcess, eventually, kubectl
+from tests.e2e.conftest import OperatorProcess, create_fresh_peer, eventually, kubectl
 
 NAMESPACE = "default"
 WAIT = 90.0
@@ -134,33 +133,16 @@ def busy_peer(cluster: LocalCluster, operators: dict[str, OperatorProcess]) -> I
         listener.listen(128)  # the kernel completes connections; nothing ever reads them
         port = listener.getsockname()[1]
         objects = _objects(api)
-        objects.create_cluster_custom_object(
-            GROUP,
-            VERSION,
-            "peernodes",
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "PeerNode",
-                "metadata": {"name": name},
-                "spec": {
-                    "cluster": cluster.name,
-                    "endpoint": f"http://127.0.0.1:{port}",
-                    "roles": ["prefill", "decode"],
-                    "backends": ["llamacpp"],
-                    "resources": {"cpu": 4, "memory": "8Gi"},
-                    "models": [{"name": BUSY_MODEL}],
-                    # One heartbeat keeps it Ready for the whole module.
-                    "heartbeatTTLSeconds": 3600,
-                },
-            },
-        )
-        objects.patch_cluster_custom_object_status(
-            GROUP,
-            VERSION,
-            "peernodes",
-            name,
-            {"status": {"lastHeartbeatTime": datetime.now(UTC).isoformat()}},
-        )
+        spec = {
+            "cluster": cluster.name,
+            "endpoint": f"http://127.0.0.1:{port}",
+            "roles": ["prefill", "decode"],
+            "backends": ["llamacpp"],
+            "resources": {"cpu": 4, "memory": "8Gi"},
+            "models": [{"name": BUSY_MODEL}],
+            "heartbeatTTLSeconds": 3600,  # one heartbeat keeps it Ready for the whole module
+        }
+        create_fresh_peer(objects, name, spec)
 
         def ready() -> bool:
             body = objects.get_cluster_custom_object(GROUP, VERSION, "peernodes", name)
