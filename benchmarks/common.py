@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
+
 T = TypeVar("T")
 
 
@@ -74,6 +76,14 @@ class Processes:
         for name, process in self.running:
             if process.poll() is not None:
                 raise BenchmarkError(f"{name} exited with {process.returncode}: {self.tail(name)}")
+
+    def answer(self, url: str) -> bool:
+        """Whether the server at `url` answers its /healthz; raises if a process has exited."""
+        self.check()
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def tail(self, name: str, lines: int = 15) -> str:
         text = (self.workdir / f"{name}.log").read_text(errors="replace")

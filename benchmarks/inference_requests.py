@@ -539,7 +539,7 @@ def running_bench(size: Size, workdir: Path) -> Iterator[Bench]:
             workers.append(Worker(shape.name, peer, f"http://127.0.0.1:{port}", path))
         for worker in workers:
             until(
-                partial(_healthy, worker.url, processes),
+                partial(processes.answer, worker.url),
                 size.timeout,
                 f"the worker {worker.peer} answers /healthz",
             )
@@ -575,14 +575,6 @@ def running_bench(size: Size, workdir: Path) -> Iterator[Bench]:
         processes.stop()
         federation.down()
         say("stopped the operator, the workers and the cluster")
-
-
-def _healthy(url: str, processes: Processes) -> bool:
-    processes.check()
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _peer_count_at_least(bench: Bench, count: int) -> bool:

@@ -175,14 +175,6 @@ class Worker:
     url: str
 
 
-def _answers(url: str, processes: Processes) -> bool:
-    processes.check()
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @contextmanager
 def ipfs_workers(
     processes: Processes, workdir: Path, model: Path, swarm: LocalSwarm
@@ -205,8 +197,7 @@ def ipfs_workers(
         )
         started.append(Worker(f"worker-{name}", f"http://127.0.0.1:{port}"))
     for worker in started:
-        url = f"{worker.url}/healthz"
-        until(partial(_answers, url, processes), 120, f"{worker.name} answers")
+        until(partial(processes.answer, worker.url), 120, f"{worker.name} answers")
         # The first generation pages the weights in: not something either side should pay for.
         generate(worker, "warm up")
     yield started[0], started[1]

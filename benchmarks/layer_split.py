@@ -118,20 +118,13 @@ def _split_worker(
         layers = ",".join(map(str, _even_layers(peers)))
         options += [f"--rpc-servers={','.join(endpoints)}", f"--layers={layers}"]
     name = f"leader-{peers}-{rtt_ms:g}"
-    worker = processes.start(name, "worker", *options)
+    processes.start(name, "worker", *options)
     url = f"http://127.0.0.1:{port}"
-    until(lambda: worker.poll() is None and _healthy(url), 300, f"{name} answers")
+    until(partial(processes.answer, url), 300, f"{name} answers")
     try:
         yield url
     finally:
         processes.stop()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _generate(url: str, prompt: str, tokens: int) -> dict[str, float]:

@@ -124,20 +124,11 @@ def workers(processes: Processes, model: Path, count: int, prefix: str) -> Itera
         )
         started.append(Worker(name, f"http://127.0.0.1:{port}", f"tcp://127.0.0.1:{events}"))
     for worker in started:
-        url = f"{worker.url}/healthz"
-        until(partial(_answers, url, processes), 120, f"{worker.name} answers")
+        until(partial(processes.answer, worker.url), 120, f"{worker.name} answers")
         # The first generation pages the weights in: not something any policy should pay for.
         warm = {"prompt": "warm up", "sampling": {"maxTokens": 4}}
         httpx.post(f"{worker.url}/v1/generate", json=warm, timeout=120).raise_for_status()
     yield started
-
-
-def _answers(url: str, processes: Processes) -> bool:
-    processes.check()
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @contextmanager
@@ -154,7 +145,7 @@ def router(
         *(f"--port={port}", "--rate-limit=1000000/minute", *options),
     )
     url = f"http://127.0.0.1:{port}"
-    until(lambda: _answers(f"{url}/healthz", processes), 60, f"the {policy} router is up")
+    until(partial(processes.answer, url), 60, f"the {policy} router is up")
     try:
         yield url
     finally:
