@@ -23,7 +23,7 @@ from edgellm.api import GROUP, VERSION
 from edgellm.dev.cluster import LocalCluster
 from edgellm.dev.federation import LocalFederation
 from edgellm.kube import api_client
-from edgellm.operator.leadership import PEERING_GROUP, PEERING_PLURAL, PEERING_VERSION
+from edgellm.operator.leadership import PEERINGS
 from tests.e2e.conftest import (
     OperatorProcess,
     create_fresh_peer,
@@ -109,16 +109,16 @@ def _metric(operator: OperatorProcess, sample: str, **labels: str) -> float | No
 
 def _create_peering(objects: client.CustomObjectsApi, name: str) -> None:
     body = {
-        "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
+        "apiVersion": f"{PEERINGS.group}/{PEERINGS.version}",
         "kind": "ClusterKopfPeering",
         "metadata": {"name": name},
     }
-    objects.create_cluster_custom_object(PEERING_GROUP, PEERING_VERSION, PEERING_PLURAL, body)
+    objects.create_cluster_custom_object(PEERINGS.group, PEERINGS.version, PEERINGS.plural, body)
 
 
 def _records(objects: client.CustomObjectsApi, peering: str) -> dict[str, Any]:
     body = objects.get_cluster_custom_object(
-        PEERING_GROUP, PEERING_VERSION, PEERING_PLURAL, peering
+        PEERINGS.group, PEERINGS.version, PEERINGS.plural, peering
     )
     return dict(body.get("status") or {})
 

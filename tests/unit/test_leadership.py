@@ -66,7 +66,7 @@ class _Peering(Leadership):
     """A Leadership reading records handed to it instead of the cluster's."""
 
     def __init__(self) -> None:
-        super().__init__(client.ApiClient(), ME, 1.0, self._lead)
+        super().__init__(local=client.ApiClient(), replica=ME, interval=1.0, lead=self._lead)
         self.records: dict[str, Any] | Exception | None = None
         self.calls: list[bool] = []
         self.failing = False

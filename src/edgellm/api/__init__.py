@@ -20,7 +20,16 @@ from edgellm.api._common import (
     quantity_value,
     set_condition,
 )
-from edgellm.api.crd import KINDS, ResourceKind, crd_files, custom_resource_definition
+from edgellm.api.crd import (
+    FEDERATION_MEMBER,
+    INFERENCE_REQUEST,
+    KINDS,
+    PEER_NODE,
+    WORKER_POOL,
+    ResourceKind,
+    crd_files,
+    custom_resource_definition,
+)
 from edgellm.api.federationmember import (
     FederationMember,
     FederationMemberSpec,
@@ -55,11 +64,15 @@ from edgellm.api.workerpool import (
 
 __all__ = [
     "API_VERSION",
+    "FEDERATION_MEMBER",
     "GROUP",
+    "INFERENCE_REQUEST",
     "KINDS",
     "ORIGIN_CLUSTER_LABEL",
+    "PEER_NODE",
     "TRUST_ORDER",
     "VERSION",
+    "WORKER_POOL",
     "Accelerator",
     "ChatMessage",
     "ClusterName",

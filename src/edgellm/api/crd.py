@@ -53,80 +53,82 @@ class ResourceKind:
     def crd_name(self) -> str:
         return f"{self.plural}.{GROUP}"
 
+    @property
+    def namespaced(self) -> bool:
+        return self.scope == "Namespaced"
+
 
 CATEGORY = "edgellm"
 
-KINDS: tuple[ResourceKind, ...] = (
-    ResourceKind(
-        kind="PeerNode",
-        plural="peernodes",
-        short_names=("peer",),
-        scope="Cluster",
-        description="A machine of the federation that can run prefill or decode workers.",
-        spec=PeerNodeSpec,
-        status=PeerNodeStatus,
-        columns=(
-            PrinterColumn("Cluster", ".spec.cluster"),
-            PrinterColumn("Ready", '.status.conditions[?(@.type=="Ready")].status'),
-            PrinterColumn("Roles", ".spec.roles"),
-            PrinterColumn("Accelerators", ".spec.resources.accelerators[*].model"),
-            PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
-        ),
-    ),
-    ResourceKind(
-        kind="FederationMember",
-        plural="federationmembers",
-        short_names=("member",),
-        scope="Cluster",
-        description="Another cluster of the federation, as this cluster reaches it.",
-        spec=FederationMemberSpec,
-        status=FederationMemberStatus,
-        columns=(
-            PrinterColumn("Server", ".spec.server"),
-            PrinterColumn("Reachable", '.status.conditions[?(@.type=="Reachable")].status'),
-            PrinterColumn("Mirrored", ".status.mirroredPeers", "integer", "Peers mirrored there"),
-            PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
-        ),
-    ),
-    ResourceKind(
-        kind="InferenceRequest",
-        plural="inferencerequests",
-        short_names=("ir",),
-        scope="Namespaced",
-        description="A generation asked of the federation, and its result.",
-        spec=InferenceRequestSpec,
-        status=InferenceRequestStatus,
-        columns=(
-            PrinterColumn("Phase", ".status.phase"),
-            PrinterColumn("Model", ".spec.model"),
-            PrinterColumn("Peer", ".status.assignment.decodePeer"),
-            PrinterColumn(
-                "TTFT", ".status.timings.ttftSeconds", "number", "Seconds to first token"
-            ),
-            PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
-        ),
-    ),
-    ResourceKind(
-        kind="WorkerPool",
-        plural="workerpools",
-        short_names=("wp",),
-        scope="Namespaced",
-        description="Warm prefill/decode workers for one model, kept on suitable cluster nodes.",
-        spec=WorkerPoolSpec,
-        status=WorkerPoolStatus,
-        columns=(
-            PrinterColumn("Model", ".spec.model"),
-            PrinterColumn("Backend", ".spec.backend"),
-            PrinterColumn("Demand", ".status.demand", "integer", "Unfinished requests"),
-            PrinterColumn("Desired", ".status.desiredReplicas", "integer", "Workers wanted"),
-            PrinterColumn("Ready", ".status.readyReplicas", "integer", "Workers ready"),
-            PrinterColumn("Available", '.status.conditions[?(@.type=="Available")].status'),
-            PrinterColumn("Role", ".spec.role", priority=1),
-            PrinterColumn("GPUs", ".spec.resources.gpus", "integer", "GPUs per worker", 1),
-            PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
-        ),
+PEER_NODE = ResourceKind(
+    kind="PeerNode",
+    plural="peernodes",
+    short_names=("peer",),
+    scope="Cluster",
+    description="A machine of the federation that can run prefill or decode workers.",
+    spec=PeerNodeSpec,
+    status=PeerNodeStatus,
+    columns=(
+        PrinterColumn("Cluster", ".spec.cluster"),
+        PrinterColumn("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+        PrinterColumn("Roles", ".spec.roles"),
+        PrinterColumn("Accelerators", ".spec.resources.accelerators[*].model"),
+        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
     ),
 )
+FEDERATION_MEMBER = ResourceKind(
+    kind="FederationMember",
+    plural="federationmembers",
+    short_names=("member",),
+    scope="Cluster",
+    description="Another cluster of the federation, as this cluster reaches it.",
+    spec=FederationMemberSpec,
+    status=FederationMemberStatus,
+    columns=(
+        PrinterColumn("Server", ".spec.server"),
+        PrinterColumn("Reachable", '.status.conditions[?(@.type=="Reachable")].status'),
+        PrinterColumn("Mirrored", ".status.mirroredPeers", "integer", "Peers mirrored there"),
+        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+    ),
+)
+INFERENCE_REQUEST = ResourceKind(
+    kind="InferenceRequest",
+    plural="inferencerequests",
+    short_names=("ir",),
+    scope="Namespaced",
+    description="A generation asked of the federation, and its result.",
+    spec=InferenceRequestSpec,
+    status=InferenceRequestStatus,
+    columns=(
+        PrinterColumn("Phase", ".status.phase"),
+        PrinterColumn("Model", ".spec.model"),
+        PrinterColumn("Peer", ".status.assignment.decodePeer"),
+        PrinterColumn("TTFT", ".status.timings.ttftSeconds", "number", "Seconds to first token"),
+        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+    ),
+)
+WORKER_POOL = ResourceKind(
+    kind="WorkerPool",
+    plural="workerpools",
+    short_names=("wp",),
+    scope="Namespaced",
+    description="Warm prefill/decode workers for one model, kept on suitable cluster nodes.",
+    spec=WorkerPoolSpec,
+    status=WorkerPoolStatus,
+    columns=(
+        PrinterColumn("Model", ".spec.model"),
+        PrinterColumn("Backend", ".spec.backend"),
+        PrinterColumn("Demand", ".status.demand", "integer", "Unfinished requests"),
+        PrinterColumn("Desired", ".status.desiredReplicas", "integer", "Workers wanted"),
+        PrinterColumn("Ready", ".status.readyReplicas", "integer", "Workers ready"),
+        PrinterColumn("Available", '.status.conditions[?(@.type=="Available")].status'),
+        PrinterColumn("Role", ".spec.role", priority=1),
+        PrinterColumn("GPUs", ".spec.resources.gpus", "integer", "GPUs per worker", 1),
+        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+    ),
+)
+
+KINDS: tuple[ResourceKind, ...] = (PEER_NODE, FEDERATION_MEMBER, INFERENCE_REQUEST, WORKER_POOL)
 
 
 def structural(schema: JSONSchema, defs: dict[str, JSONSchema]) -> JSONSchema:

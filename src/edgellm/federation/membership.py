@@ -8,6 +8,7 @@ thread), so each is testable against a real apiserver.
 
 import base64
 import binascii
+import contextlib
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from edgellm.federation.rbac import (
     credentials_secret,
     member_service_account,
 )
+from edgellm.kube import APIError, ConflictError, NotFoundError, objects, translated
 
 TOKEN_PREFIX = "edgellm-join-v1."
 MEMBER_TOKEN_SECONDS = 365 * 24 * 3600
@@ -80,25 +82,21 @@ def token_kubeconfig(endpoint: Endpoint, token: str) -> dict[str, Any]:
 def local_cluster_name(api: client.ApiClient) -> str:
     """This cluster's name in the federation, from `edgellm federation init`."""
     try:
-        identity = client.CoreV1Api(api).read_namespaced_config_map(
-            IDENTITY_CONFIGMAP, FEDERATION_NAMESPACE
-        )
-    except client.ApiException as e:
-        if e.status == 404:
-            raise NotInitializedError(
-                "this cluster has no federation identity: run `edgellm federation init`"
-            ) from e
-        raise
+        with translated():
+            identity = client.CoreV1Api(api).read_namespaced_config_map(
+                IDENTITY_CONFIGMAP, FEDERATION_NAMESPACE
+            )
+    except NotFoundError as e:
+        raise NotInitializedError(
+            "this cluster has no federation identity: run `edgellm federation init`"
+        ) from e
     return str(identity.data["cluster"])
 
 
 def _service_account_token(api: client.ApiClient, namespace: str, name: str, seconds: int) -> str:
     core = client.CoreV1Api(api)
-    try:
+    with contextlib.suppress(ConflictError), translated():
         core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
     request = {"spec": {"expirationSeconds": seconds}}
     return str(core.create_namespaced_service_account_token(name, namespace, request).status.token)
 
@@ -126,11 +124,10 @@ def list_join_tokens(api: client.ApiClient) -> list[str]:
 def revoke_join_token(api: client.ApiClient, token_id: str) -> None:
     """Deleting the ServiceAccount invalidates every token it issued."""
     try:
-        client.CoreV1Api(api).delete_namespaced_service_account(token_id, JOIN_NAMESPACE)
-    except client.ApiException as e:
-        if e.status == 404:
-            raise JoinRefusedError(f"no join token {token_id!r}") from e
-        raise
+        with translated():
+            client.CoreV1Api(api).delete_namespaced_service_account(token_id, JOIN_NAMESPACE)
+    except NotFoundError as e:
+        raise JoinRefusedError(f"no join token {token_id!r}") from e
 
 
 @dataclass(frozen=True)
@@ -151,10 +148,9 @@ def _store_credential(at: Member, reach: Endpoint, token: str) -> None:
         "stringData": {"token": token},
     }
     try:
-        core.create_namespaced_secret(FEDERATION_NAMESPACE, secret)
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
+        with translated():
+            core.create_namespaced_secret(FEDERATION_NAMESPACE, secret)
+    except ConflictError:
         core.replace_namespaced_secret(name, FEDERATION_NAMESPACE, secret)
     member = {
         "apiVersion": API_VERSION,
@@ -162,13 +158,8 @@ def _store_credential(at: Member, reach: Endpoint, token: str) -> None:
         "metadata": {"name": reach.cluster},
         "spec": {"server": reach.server, "caBundle": reach.ca_bundle, "credentialsSecret": name},
     }
-    try:
-        client.CustomObjectsApi(at.api).create_cluster_custom_object(
-            "edgellm.io", "v1alpha1", "federationmembers", member
-        )
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
+    with contextlib.suppress(ConflictError):
+        objects.create(at.api, objects.FEDERATION_MEMBERS, member)
 
 
 def introduce(a: Member, b: Member) -> None:
@@ -193,10 +184,11 @@ def introduce(a: Member, b: Member) -> None:
 def check_join(joiner: Member, existing: Member) -> None:
     """Refuses, before anything is written, a token the member rejects or a name clash."""
     try:
-        client.AuthenticationV1Api(existing.api).create_self_subject_review(
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
-        )
-    except client.ApiException as e:
+        with translated():
+            client.AuthenticationV1Api(existing.api).create_self_subject_review(
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+            )
+    except APIError as e:
         if e.status == 401:
             raise JoinRefusedError(
                 f"{existing.endpoint.cluster} refused the join token: it is wrong, expired or"
@@ -208,13 +200,9 @@ def check_join(joiner: Member, existing: Member) -> None:
             f"both clusters are named {joiner.endpoint.cluster!r}: names must be unique"
         )
     try:
-        client.CustomObjectsApi(existing.api).get_cluster_custom_object(
-            "edgellm.io", "v1alpha1", "federationmembers", joiner.endpoint.cluster
-        )
-    except client.ApiException as e:
-        if e.status == 404:
-            return
-        raise
+        objects.get(existing.api, objects.FEDERATION_MEMBERS, joiner.endpoint.cluster)
+    except NotFoundError:
+        return
     raise JoinRefusedError(
         f"{existing.endpoint.cluster} already has a member named {joiner.endpoint.cluster!r}"
     )

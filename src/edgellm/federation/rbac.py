@@ -7,6 +7,8 @@ minting a credential is creating a ServiceAccount and deleting it revokes every 
 
 from typing import Any
 
+from edgellm.api import FEDERATION_MEMBER, GROUP, INFERENCE_REQUEST, PEER_NODE, WORKER_POOL
+
 FEDERATION_NAMESPACE = "edgellm-federation"
 JOIN_NAMESPACE = "edgellm-join"
 MEMBERS_GROUP = f"system:serviceaccounts:{FEDERATION_NAMESPACE}"
@@ -66,13 +68,13 @@ def federation_manifests(cluster: str) -> list[dict[str, Any]]:
         "rules": [
             # Mirror the member's own peers here; an admission policy keeps it to those.
             _rule(
-                "edgellm.io",
-                ["peernodes"],
+                GROUP,
+                [PEER_NODE.plural],
                 ["get", "list", "watch", "create", "update", "patch", "delete"],
             ),
-            _rule("edgellm.io", ["peernodes/status"], ["get", "update", "patch"]),
+            _rule(GROUP, [f"{PEER_NODE.plural}/status"], ["get", "update", "patch"]),
             # Learn this cluster's members and introduce new ones to it.
-            _rule("edgellm.io", ["federationmembers"], ["get", "list", "create"]),
+            _rule(GROUP, [FEDERATION_MEMBER.plural], ["get", "list", "create"]),
         ],
     }
     joiner_role = {
@@ -80,7 +82,7 @@ def federation_manifests(cluster: str) -> list[dict[str, Any]]:
         "kind": "ClusterRole",
         "metadata": {"name": JOINER_ROLE},
         # Register the joining cluster, nothing else.
-        "rules": [_rule("edgellm.io", ["federationmembers"], ["get", "create"])],
+        "rules": [_rule(GROUP, [FEDERATION_MEMBER.plural], ["get", "create"])],
     }
     credentials_role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -128,15 +130,15 @@ def worker_pools_manifests() -> list[dict[str, Any]]:
         "metadata": {"name": WORKER_POOLS_ROLE},
         "rules": [
             # Watch pools (wakes the loop on a new spec) and list them every interval.
-            _rule("edgellm.io", ["workerpools"], ["list", "watch"]),
+            _rule(GROUP, [WORKER_POOL.plural], ["list", "watch"]),
             # Report replicas, demand and conditions: the status subresource only.
-            _rule("edgellm.io", ["workerpools/status"], ["patch"]),
+            _rule(GROUP, [f"{WORKER_POOL.plural}/status"], ["patch"]),
             # The Deployment's owner reference blocks the pool's deletion (blockOwnerDeletion);
             # where the OwnerReferencesPermissionEnforcement admission plugin is on, setting
             # that needs this.
-            _rule("edgellm.io", ["workerpools/finalizers"], ["update"]),
+            _rule(GROUP, [f"{WORKER_POOL.plural}/finalizers"], ["update"]),
             # Demand: the unfinished requests for each pool's model.
-            _rule("edgellm.io", ["inferencerequests"], ["list"]),
+            _rule(GROUP, [INFERENCE_REQUEST.plural], ["list"]),
             # Check a Deployment of the pool's name is the pool's own, then server-side apply it
             # (apply creates or patches). No delete: the garbage collector follows the owner.
             _rule("apps", ["deployments"], ["get", "create", "patch"]),
@@ -178,10 +180,10 @@ def mirror_policy() -> list[dict[str, Any]]:
             "matchConstraints": {
                 "resourceRules": [
                     {
-                        "apiGroups": ["edgellm.io"],
+                        "apiGroups": [GROUP],
                         "apiVersions": ["*"],
                         "operations": ["CREATE", "UPDATE", "DELETE"],
-                        "resources": ["peernodes", "peernodes/status"],
+                        "resources": [PEER_NODE.plural, f"{PEER_NODE.plural}/status"],
                     }
                 ]
             },

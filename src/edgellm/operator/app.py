@@ -17,6 +17,7 @@ from kopf._core.engines.peering import Identity  # the type of kopf's `identity`
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
+from edgellm.api import GROUP, INFERENCE_REQUEST, PEER_NODE, VERSION, WORKER_POOL
 from edgellm.api.inferencerequest import TERMINAL_PHASES
 from edgellm.kube import new_api_client
 from edgellm.operator.leadership import Leadership, Replica
@@ -67,10 +68,10 @@ def build_registry(
             await lead(True)  # before kopf's first watch event
             return
         memo[LEADERSHIP] = leadership = Leadership(
-            runtime.local,
-            replica,
-            operator_settings.leadership_interval_seconds,
-            lead,
+            local=runtime.local,
+            replica=replica,
+            interval=operator_settings.leadership_interval_seconds,
+            lead=lead,
         )
         leadership.start()
 
@@ -83,12 +84,12 @@ def build_registry(
         await runtime.stop()
         runtime.local.close()
 
-    @kopf.on.event("edgellm.io", "v1alpha1", "peernodes", registry=registry)
+    @kopf.on.event(GROUP, VERSION, PEER_NODE.plural, registry=registry)
     async def peer_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         # In the event loop, not kopf's threads: it starts KV-event subscriptions.
         memo[RUNTIME].on_peer_event(event["type"], dict(event["object"]))
 
-    @kopf.on.event("edgellm.io", "v1alpha1", "workerpools", registry=registry)
+    @kopf.on.event(GROUP, VERSION, WORKER_POOL.plural, registry=registry)
     async def pool_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         # A new pool or a changed spec is reconciled at once; everything else (demand, pods)
         # by the pool loop's interval. No timer per pool: timers add finalizers, and deleting a
@@ -98,9 +99,9 @@ def build_registry(
             memo[POOLS].wake()
 
     @kopf.daemon(
-        "edgellm.io",
-        "v1alpha1",
-        "inferencerequests",
+        GROUP,
+        VERSION,
+        INFERENCE_REQUEST.plural,
         cancellation_timeout=10.0,
         registry=registry,
     )

@@ -21,9 +21,13 @@ from typing import Any
 
 from kubernetes import client
 
+from edgellm.kube import NotFoundError, objects
+from edgellm.kube.objects import Resource
+
 logger = logging.getLogger(__name__)
 
-PEERING_GROUP, PEERING_VERSION, PEERING_PLURAL = "kopf.dev", "v1", "clusterkopfpeerings"
+# kopf's own kind, not EdgeLLM's: its CRD is charts/edgellm/crds/clusterkopfpeerings.kopf.dev.yaml.
+PEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
 # What kopf assumes of a record that states no lifetime.
 DEFAULT_LIFETIME_SECONDS = 60
 # Below one second apart, the order of two replicas' start is left to chance (see `seniority`).
@@ -85,6 +89,7 @@ class Leadership:
 
     def __init__(
         self,
+        *,
         local: client.ApiClient,
         replica: Replica,
         interval: float,
@@ -153,13 +158,9 @@ class Leadership:
 
     def _records(self) -> dict[str, Any] | None:
         try:
-            body = client.CustomObjectsApi(self.local).get_cluster_custom_object(
-                PEERING_GROUP, PEERING_VERSION, PEERING_PLURAL, self.replica.peering
-            )
-        except client.ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+            body = objects.get(self.local, PEERINGS, self.replica.peering)
+        except NotFoundError:
+            return None
         return dict(body.get("status") or {})
 
 

@@ -18,14 +18,13 @@ from pydantic import ValidationError
 
 from edgellm.api import WorkerPool
 from edgellm.api.workerpool import WorkerPoolStatus
-from edgellm.kube import apply
+from edgellm.kube import APIError, NotFoundError, apply, objects, translated
 from edgellm.operator import workerpools
 from edgellm.operator.events import EventRecorder
 from edgellm.operator.workerpools import PoolAssessment
 
 logger = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "edgellm.io", "v1alpha1", "workerpools"
 FIELD_MANAGER = "edgellm-operator"
 Body = dict[str, Any]
 
@@ -69,12 +68,11 @@ class PoolReconciler:
                 logger.exception("reconciling worker pools failed")
 
     def reconcile_all(self) -> None:
-        objects = client.CustomObjectsApi(self.local)
-        pools = objects.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+        pools = objects.list_objects(self.local, objects.WORKER_POOLS)
         if not pools:
             return
-        requests = objects.list_cluster_custom_object(GROUP, VERSION, "inferencerequests")
-        demand = workerpools.demand_by_model(requests["items"])
+        requests = objects.list_objects(self.local, objects.INFERENCE_REQUESTS)
+        demand = workerpools.demand_by_model(requests)
         for body in pools:
             metadata = body["metadata"]
             model = (body.get("spec") or {}).get("model", "")
@@ -121,11 +119,10 @@ class PoolReconciler:
 
     def _read_deployment(self, namespace: str, name: str) -> Body | None:
         try:
-            found = client.AppsV1Api(self.local).read_namespaced_deployment(name, namespace)
-        except client.ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+            with translated():
+                found = client.AppsV1Api(self.local).read_namespaced_deployment(name, namespace)
+        except NotFoundError:
+            return None
         deployment: Body = self.local.sanitize_for_serialization(found)
         return deployment
 
@@ -136,10 +133,9 @@ class PoolReconciler:
         if wire == previous.to_wire():
             return
         metadata = body["metadata"]
-        with contextlib.suppress(client.ApiException):  # deleted meanwhile: nothing to report
-            client.CustomObjectsApi(self.local).patch_namespaced_custom_object_status(
-                GROUP, VERSION, metadata["namespace"], PLURAL, metadata["name"], {"status": wire}
-            )
+        with contextlib.suppress(APIError):  # deleted meanwhile: nothing to report
+            pools, name = objects.WORKER_POOLS, metadata["name"]
+            objects.patch_status(self.local, pools, name, wire, metadata["namespace"])
 
 
 def _previous_status(body: Body) -> WorkerPoolStatus:

@@ -22,6 +22,7 @@ from kubernetes import client
 from pydantic import ValidationError
 
 from edgellm.api import (
+    API_VERSION,
     ConditionStatus,
     InferenceRequestSpec,
     PeerModels,
@@ -36,6 +37,7 @@ from edgellm.api.inferencerequest import (
     Output,
     Stage,
 )
+from edgellm.kube import APIError, NotFoundError, objects, translated
 from edgellm.kvcache import ExternalBlockHash, prompt_block_keys
 from edgellm.kvcache.index import KVIndex
 from edgellm.kvcache.tokens import tokenize_on_worker
@@ -48,7 +50,6 @@ from edgellm.scheduling.layersplit import CannotSplit, LayerPlan, place
 
 logger = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "edgellm.io", "v1alpha1", "inferencerequests"
 OUTPUT_KEY = "text"
 Body = dict[str, Any]
 
@@ -90,6 +91,7 @@ class Attempt:
 class RequestRunner:
     def __init__(
         self,
+        *,
         local: client.ApiClient,
         cluster: str,
         events: EventRecorder,
@@ -259,14 +261,14 @@ class RequestRunner:
         ref = source.secret_key_ref or source.config_map_key_ref
         assert ref is not None
         try:
-            if source.secret_key_ref is not None:
-                data = core.read_namespaced_secret(ref.name, namespace).data or {}
-                value = base64.b64decode(data[ref.key]).decode() if ref.key in data else None
-            else:
-                value = (core.read_namespaced_config_map(ref.name, namespace).data or {}).get(
-                    ref.key
-                )
-        except client.ApiException as e:
+            with translated():
+                if source.secret_key_ref is not None:
+                    data = core.read_namespaced_secret(ref.name, namespace).data or {}
+                    value = base64.b64decode(data[ref.key]).decode() if ref.key in data else None
+                else:
+                    config_map = core.read_namespaced_config_map(ref.name, namespace)
+                    value = (config_map.data or {}).get(ref.key)
+        except APIError as e:
             raise RequestFailedError("PromptNotFound", f"cannot read {ref.name}: {e.reason}") from e
         if value is None:
             raise RequestFailedError("PromptNotFound", f"{ref.name} has no key {ref.key!r}")
@@ -551,10 +553,9 @@ class RequestRunner:
         name, namespace = config_map["metadata"]["name"], config_map["metadata"]["namespace"]
         core = client.CoreV1Api(self.local)
         try:
-            core.replace_namespaced_config_map(name, namespace, config_map)
-        except client.ApiException as e:
-            if e.status != 404:
-                raise
+            with translated():
+                core.replace_namespaced_config_map(name, namespace, config_map)
+        except NotFoundError:
             core.create_namespaced_config_map(namespace, config_map)
         return ConfigMapRef(name=name, key=OUTPUT_KEY)
 
@@ -584,13 +585,8 @@ class RequestRunner:
         wire = status.to_wire()
         if status.output is not None and status.output.text is None:
             wire["output"]["text"] = None  # a merge patch keeps what it does not name
-        client.CustomObjectsApi(self.local).patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            metadata["namespace"],
-            PLURAL,
-            metadata["name"],
-            {"status": wire},
+        objects.patch_status(
+            self.local, objects.INFERENCE_REQUESTS, metadata["name"], wire, metadata["namespace"]
         )
 
 
@@ -609,7 +605,7 @@ def _output_config_map(body: Body, text: str) -> dict[str, Any]:
             # Deleted with its request by the garbage collector.
             "ownerReferences": [
                 {
-                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "apiVersion": API_VERSION,
                     "kind": "InferenceRequest",
                     "name": metadata["name"],
                     "uid": metadata["uid"],

@@ -25,6 +25,7 @@ from kubernetes import client
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from edgellm.kube import APIError, NotFoundError, translated
 from edgellm.kvcache.index import KVIndex
 from edgellm.kvcache.subscriptions import KVSubscriptions
 from edgellm.router.access import Access, Denied
@@ -126,15 +127,15 @@ def create_app(
         core = client.CoreV1Api(api)
         while True:
             try:
-                secret = await asyncio.to_thread(
-                    core.read_namespaced_secret, settings.api_keys_secret, settings.namespace
-                )
+                with translated():
+                    secret = await asyncio.to_thread(
+                        core.read_namespaced_secret, settings.api_keys_secret, settings.namespace
+                    )
                 access.set_secret(secret.data)
-            except client.ApiException as e:
-                if e.status == 404:
-                    access.set_secret(None)  # no Secret: no key is valid
-                else:
-                    logger.warning("cannot read the API keys, keeping those known: %s", e.reason)
+            except NotFoundError:
+                access.set_secret(None)  # no Secret: no key is valid
+            except APIError as e:
+                logger.warning("cannot read the API keys, keeping those known: %s", e.reason)
             except (urllib3.exceptions.HTTPError, OSError) as e:  # the cluster is away
                 logger.warning("cannot read the API keys, keeping those known: %s", e)
             await asyncio.sleep(settings.keys_refresh_seconds)

@@ -16,7 +16,8 @@ from typing import Any
 
 from kubernetes import client
 
-from edgellm.api import GROUP, VERSION, PeerModels, PeerNode
+from edgellm.api import PeerModels, PeerNode
+from edgellm.kube import objects
 from edgellm.kvcache.subscriptions import KVSubscriptions
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class PeerDirectory:
     def __init__(
         self, api: client.ApiClient | None, kv: KVSubscriptions, cooldown: float = 10.0
     ) -> None:
-        self._objects = client.CustomObjectsApi(api) if api is not None else None
+        self._api = api
         self.kv = kv
         self.cooldown = cooldown
         self.peers: dict[str, PeerNode] = {}
@@ -55,11 +56,8 @@ class PeerDirectory:
         self.peers = peers
 
     async def refresh(self) -> None:
-        assert self._objects is not None, "a directory without a cluster is filled by set_peers"
-        listed = await asyncio.to_thread(
-            self._objects.list_cluster_custom_object, GROUP, VERSION, "peernodes"
-        )
-        self.set_peers(listed["items"])
+        assert self._api is not None, "a directory without a cluster is filled by set_peers"
+        self.set_peers(await asyncio.to_thread(objects.list_objects, self._api, objects.PEER_NODES))
 
     async def follow(self, interval: float) -> None:
         """Refreshes forever; a cluster that does not answer keeps the last peers known."""

@@ -6,6 +6,7 @@ new requests, the running ones waited for up to a deadline, then the PeerNode is
 its mirrors withdrawn by the operators).
 """
 
+import contextlib
 import logging
 import threading
 import time
@@ -18,10 +19,9 @@ from kubernetes import client
 
 from edgellm.api import ORIGIN_CLUSTER_LABEL, PeerLoad, PeerNode, PeerNodeSpec
 from edgellm.api.inferencerequest import TERMINAL_PHASES
+from edgellm.kube import APIError, ConflictError, NotFoundError, objects
 
 logger = logging.getLogger(__name__)
-
-GROUP, VERSION, PEERS = "edgellm.io", "v1alpha1", "peernodes"
 
 
 def register(api: client.ApiClient, name: str, spec: PeerNodeSpec) -> None:
@@ -30,20 +30,15 @@ def register(api: client.ApiClient, name: str, spec: PeerNodeSpec) -> None:
         {"metadata": {"name": name, "labels": {ORIGIN_CLUSTER_LABEL: spec.cluster}}, "spec": spec}
     ).to_wire()
     del peer["status"]
-    objects = client.CustomObjectsApi(api)
     try:
-        objects.create_cluster_custom_object(GROUP, VERSION, PEERS, peer)
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
-        objects.patch_cluster_custom_object(GROUP, VERSION, PEERS, name, {"spec": peer["spec"]})
+        objects.create(api, objects.PEER_NODES, peer)
+    except ConflictError:
+        objects.patch(api, objects.PEER_NODES, name, {"spec": peer["spec"]})
 
 
 def heartbeat(api: client.ApiClient, name: str, load: PeerLoad) -> None:
     status = {"lastHeartbeatTime": datetime.now(UTC).isoformat(), "load": load.to_wire()}
-    client.CustomObjectsApi(api).patch_cluster_custom_object_status(
-        GROUP, VERSION, PEERS, name, {"status": status}
-    )
+    objects.patch_status(api, objects.PEER_NODES, name, status)
 
 
 def worker_load(endpoint: str) -> PeerLoad:
@@ -64,16 +59,14 @@ def heartbeat_until(
     while not stop.is_set():
         try:
             heartbeat(api, name, worker_load(endpoint))
-        except (client.ApiException, OSError) as e:
+        except (APIError, OSError) as e:
             logger.warning("heartbeat failed, retrying: %s", e)
         stop.wait(interval)
 
 
 def in_flight_requests(api: client.ApiClient, name: str) -> list[str]:
     """`namespace/name` of every unfinished InferenceRequest assigned to the peer."""
-    requests = client.CustomObjectsApi(api).list_cluster_custom_object(
-        GROUP, VERSION, "inferencerequests"
-    )["items"]
+    requests = objects.list_objects(api, objects.INFERENCE_REQUESTS)
     return sorted(
         f"{r['metadata']['namespace']}/{r['metadata']['name']}"
         for r in requests
@@ -96,19 +89,13 @@ def leave(
     api: client.ApiClient, name: str, deadline_seconds: float, poll: float = 1.0
 ) -> Departure:
     """Drains the peer, waits for its requests up to the deadline, and deletes it."""
-    objects = client.CustomObjectsApi(api)
-    objects.patch_cluster_custom_object(
-        GROUP, VERSION, PEERS, name, {"spec": {"unschedulable": True}}
-    )
+    objects.patch(api, objects.PEER_NODES, name, {"spec": {"unschedulable": True}})
     started = time.monotonic()
     while (
         running := in_flight_requests(api, name)
     ) and time.monotonic() - started < deadline_seconds:
         logger.info("waiting for %d request(s) on %s: %s", len(running), name, ", ".join(running))
         time.sleep(poll)
-    try:
-        objects.delete_cluster_custom_object(GROUP, VERSION, PEERS, name)
-    except client.ApiException as e:
-        if e.status != 404:
-            raise
+    with contextlib.suppress(NotFoundError):
+        objects.delete(api, objects.PEER_NODES, name)
     return Departure(time.monotonic() - started, running)

@@ -1,5 +1,5 @@
-"""Kubernetes API clients built from kubeconfig data, for code outside the kopf operator
-(the CLI, local clusters, federation clients, tests)."""
+"""Kubernetes API clients built from kubeconfig data, CRD installation and server-side apply,
+for the operator's own calls, the CLI, local clusters, federation clients and tests."""
 
 import time
 from collections.abc import Iterator
@@ -8,6 +8,8 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
+
+from edgellm.kube.errors import NotFoundError, translated
 
 
 def new_api_client(kubeconfig: dict[str, Any], context: str | None = None) -> client.ApiClient:
@@ -37,10 +39,9 @@ def install_crds(api: client.ApiClient, crds: list[dict[str, Any]], timeout: flo
     for crd in crds:
         name = crd["metadata"]["name"]
         try:
-            current = extensions.read_custom_resource_definition(name)
-        except client.ApiException as e:
-            if e.status != 404:
-                raise
+            with translated():
+                current = extensions.read_custom_resource_definition(name)
+        except NotFoundError:
             extensions.create_custom_resource_definition(crd)
         else:
             crd = {
