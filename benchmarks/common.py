@@ -1,6 +1,7 @@
-"""What every benchmark shares: progress lines, waiting on a condition, percentiles, and the
-processes a benchmark starts (stopped however it ends)."""
+"""What every benchmark shares: progress lines, waiting on a condition, percentiles, the
+processes a benchmark starts (stopped however it ends), and one generation asked of a worker."""
 
+import asyncio
 import math
 import statistics
 import subprocess
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+
+from edgellm.workerapi import Finished, Text, WorkerClient
+from edgellm.workerapi.protocol import CompletionRequest
 
 T = TypeVar("T")
 
@@ -100,3 +104,34 @@ class Processes:
                 process.kill()
                 process.wait()
         self.running.clear()
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A worker's whole answer, streamed: its text and how it finished (usage, the KV it
+    loaded, and its first token's time as the client saw it), and the wall time it took."""
+
+    text: str
+    finished: Finished
+    seconds: float
+
+
+def complete(url: str, request: CompletionRequest) -> Completed:
+    """One generation asked of the worker at `url`, streamed through the `WorkerClient`."""
+
+    async def stream() -> Completed:
+        client = WorkerClient()
+        texts, finished = [], None
+        started = time.perf_counter()
+        try:
+            async for event in client.stream(url, request):
+                if isinstance(event, Text):
+                    texts.append(event.text)
+                else:
+                    finished = event
+        finally:
+            await client.aclose()
+        assert finished is not None  # the client raises on a stream that did not finish
+        return Completed("".join(texts), finished, time.perf_counter() - started)
+
+    return asyncio.run(stream())

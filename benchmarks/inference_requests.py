@@ -8,7 +8,7 @@ sustains, and the end-to-end overhead of an InferenceRequest over calling llama.
 2. One real local cluster with one real operator (`edgellm operator`, the operator identity) and
    real `edgellm worker`s serving the generated tiny model, joined as peers (`edgellm join`):
    - overhead: the same prompts and sampling (temperature 0, ignoreEos, fixed maxTokens) through
-     `LlamaCppBackend.generate` in this process, the worker's `POST /v1/generate`, and an
+     `LlamaCppBackend.generate` in this process, the worker's `POST /v1/completions`, and an
      InferenceRequest through the operator (tiny model; the bench model too unless --smoke);
    - throughput: a burst of requests created as fast as the API takes them, until all finish;
    - then the cluster gets 1,000 PeerNodes in all (its own, with heartbeats, and mirrors of two
@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 from kubernetes import client
+from tests import builders
 
 from benchmarks.common import BenchmarkError, Processes, say, summary, until
 from edgellm.api import (
@@ -74,7 +75,8 @@ from edgellm.federation.rbac import (
 )
 from edgellm.kube import api_client, apply, install_crds, new_api_client
 from edgellm.scheduling import Candidate, Decision, default_profile, schedule
-from edgellm.worker.llamacpp import LlamaCppBackend, Sampling, Usage
+from edgellm.worker.backend import Sampling, Usage
+from edgellm.worker.llamacpp import LlamaCppBackend
 from edgellm.worker.models import BENCH, TINY, ModelShape, write_model
 
 T = TypeVar("T")
@@ -197,15 +199,24 @@ def peer_body(index: int, rng: random.Random, tiny_endpoints: list[str]) -> Body
     busy = rng.random() < 0.6
     draining = "Unschedulable" if unschedulable else "Schedulable"
 
-    def condition(type_: str, status: bool, reason: str) -> Body:
-        value = "True" if status else "False"
-        return {"type": type_, "status": value, "reason": reason, "lastTransitionTime": stamp}
-
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "PeerNode",
-        "metadata": {
-            "name": name,
+    conditions = [
+        builders.condition("Draining", unschedulable, draining, stamp),
+        builders.condition(
+            "Ready", ready, "HeartbeatFresh" if ready else "HeartbeatExpired", stamp
+        ),
+        builders.condition(
+            "Reachable", reachable, "Probed" if reachable else "MemberUnreachable", stamp
+        ),
+    ]
+    load = {
+        "runningRequests": rng.randint(1, 2) if busy else 0,
+        "queuedRequests": rng.randint(0, 6) if busy else 0,
+        "kvCacheUsage": round(rng.uniform(0.05, 0.95) if busy else 0.01, 2),
+        "tokensPerSecond": round(rng.uniform(5, 80), 1),
+    }
+    return builders.peer_body(
+        name,
+        metadata={
             "uid": f"00000000-0000-4000-8000-{index:012d}",
             "resourceVersion": str(1000 + index),
             "generation": 1,
@@ -216,40 +227,29 @@ def peer_body(index: int, rng: random.Random, tiny_endpoints: list[str]) -> Body
                 ACCELERATOR_LABEL: "gpu" if gpu else "cpu",
             },
         },
-        "spec": {
-            "cluster": cluster,
-            "endpoint": endpoint,
-            "roles": roles,
-            "backends": ["llamacpp", "vllm"] if gpu else ["llamacpp"],
-            "resources": resources,
-            "network": {
-                "uplinkMbps": rng.choice((20.0, 50.0, 100.0, 1000.0)),
-                "downlinkMbps": rng.choice((100.0, 300.0, 1000.0)),
-                "region": region,
-            },
-            "models": [
-                {"name": m, "format": "safetensors" if m in GPU_MODELS else "gguf"} for m in models
-            ],
-            "trustLevel": rng.choices(("untrusted", "community", "trusted"), (2, 6, 2))[0],
-            "unschedulable": unschedulable,
-            "heartbeatTTLSeconds": 3600,
-        },
-        "status": {
-            "conditions": [
-                condition("Draining", unschedulable, draining),
-                condition("Ready", ready, "HeartbeatFresh" if ready else "HeartbeatExpired"),
-                condition("Reachable", reachable, "Probed" if reachable else "MemberUnreachable"),
-            ],
+        status={
+            "conditions": conditions,
             "lastHeartbeatTime": stamp,
-            "load": {
-                "runningRequests": rng.randint(1, 2) if busy else 0,
-                "queuedRequests": rng.randint(0, 6) if busy else 0,
-                "kvCacheUsage": round(rng.uniform(0.05, 0.95) if busy else 0.01, 2),
-                "tokensPerSecond": round(rng.uniform(5, 80), 1),
-            },
+            "load": load,
             "observedGeneration": 1,
         },
-    }
+        cluster=cluster,
+        endpoint=endpoint,
+        roles=roles,
+        backends=["llamacpp", "vllm"] if gpu else ["llamacpp"],
+        resources=resources,
+        network={
+            "uplinkMbps": rng.choice((20.0, 50.0, 100.0, 1000.0)),
+            "downlinkMbps": rng.choice((100.0, 300.0, 1000.0)),
+            "region": region,
+        },
+        models=[
+            {"name": m, "format": "safetensors" if m in GPU_MODELS else "gguf"} for m in models
+        ],
+        trustLevel=rng.choices(("untrusted", "community", "trusted"), (2, 6, 2))[0],
+        unschedulable=unschedulable,
+        heartbeatTTLSeconds=3600,
+    )
 
 
 def request_spec(rng: random.Random) -> InferenceRequestSpec:
@@ -603,8 +603,9 @@ def bench_overhead(bench: Bench, model: str) -> dict[str, Any]:
     worker = next(w for w in bench.workers if w.model == model)
     backend = LlamaCppBackend(worker.path)  # llama.cpp's default threads, as the worker
     params = SamplingParams(max_tokens=size.overhead_tokens, temperature=0.0, ignore_eos=True)
-    sampling = Sampling(**{**params.model_dump(), "stop": tuple(params.stop)})  # as the worker
+    sampling = Sampling.of(params)  # as the worker
     wire = params.to_wire()
+    openai_sampling = {"max_tokens": params.max_tokens, "temperature": 0, "ignore_eos": True}
     say(f"overhead with {model}: {size.repeats} repeats x (in process, worker HTTP, operator)")
     direct: list[float] = []
     http: list[float] = []
@@ -626,12 +627,11 @@ def bench_overhead(bench: Bench, model: str) -> dict[str, Any]:
 
         def worker_http(prompt: str) -> float:
             started = time.perf_counter()
-            response = session.post(
-                f"{worker.url}/v1/generate", json={"prompt": prompt, "sampling": wire}
-            )
+            body = {"model": model, "prompt": prompt, **openai_sampling}
+            response = session.post(f"{worker.url}/v1/completions", json=body)
             response.raise_for_status()
             elapsed = time.perf_counter() - started
-            texts.add(prompt + response.json()["text"])
+            texts.add(prompt + response.json()["choices"][0]["text"])
             return elapsed
 
         def operator(prompt: str, repeat: int) -> Stages:
@@ -727,8 +727,14 @@ def worker_rate(bench: Bench, count: int) -> float:
         started = time.perf_counter()
         for i in range(count):
             spec = _spec(bench, i)
-            payload = {"prompt": spec["prompt"], "sampling": spec["sampling"]}
-            session.post(f"{worker.url}/v1/generate", json=payload).raise_for_status()
+            payload = {
+                "model": spec["model"],
+                "prompt": spec["prompt"],
+                "max_tokens": bench.size.max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            session.post(f"{worker.url}/v1/completions", json=payload).raise_for_status()
         return round(count / (time.perf_counter() - started), 1)
 
 

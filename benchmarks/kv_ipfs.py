@@ -12,7 +12,7 @@ Everything runs over a two-daemon private swarm (`LocalSwarm`) on loopback.
    key trusted. For each prefix size and repeat, a fresh prompt of that many tokens (counted by
    the worker's `/v1/tokenize`): A generates one token for it and saves its KV to IPFS (we wait
    until A announces it); then B, its context holding an unrelated prompt each time, generates
-   one token for it with `kvFrom` set to A's announcement (restore: it must come from IPFS) and
+   one token for it with `kv_from` set to A's announcement (restore: it must come from IPFS) and
    then without (recompute). Per size: median wall times (client clock), the transfer's own
    seconds and bytes, and restore / recompute. DESIGN's target: restore under 0.2x of
    recompute at 4k tokens.
@@ -44,7 +44,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import BenchmarkError, Processes, say, until
+from benchmarks.common import BenchmarkError, Completed, Processes, complete, say, until
 from edgellm.dev.cluster import free_port
 from edgellm.dev.ipfs import LocalSwarm
 from edgellm.kvcache import ExternalBlockHash, prompt_block_keys
@@ -52,13 +52,14 @@ from edgellm.kvcache.blockstore import KVBlockStore, KVChunk
 from edgellm.kvcache.ipfs import KuboClient
 from edgellm.worker.ipfskv import load_or_create_key, public_pem
 from edgellm.worker.models import BENCH, WORDS, write_model
+from edgellm.workerapi import WorkerError
+from edgellm.workerapi.protocol import CompletionRequest
 
 Body = dict[str, Any]
 MIB = 1 << 20
 SEED = "0"  # the workers' default --hash-seed
 TARGET_TOKENS = 4096
 TARGET_RATIO = 0.2  # DESIGN: restoring 4k tokens' KV takes under 0.2x of computing it
-ONE_TOKEN = {"maxTokens": 1, "temperature": 0, "ignoreEos": True}
 
 
 @dataclass(frozen=True)
@@ -203,20 +204,26 @@ def ipfs_workers(
     yield started[0], started[1]
 
 
-def generate(worker: Worker, text: str, **fields: Any) -> tuple[Body, float]:
-    """The worker's answer for one token of `text`, and the wall time it took."""
-    body = {"prompt": text, "sampling": ONE_TOKEN, **fields}
-    started = time.perf_counter()
-    response = httpx.post(f"{worker.url}/v1/generate", json=body, timeout=600)
-    seconds = time.perf_counter() - started
-    if response.status_code != 200:
-        raise BenchmarkError(f"{worker.name}: {response.status_code} {response.text[:300]}")
-    answer: Body = response.json()
-    return answer, seconds
+def generate(worker: Worker, text: str, kv_from: str | None = None) -> Completed:
+    """The worker's answer for one token of `text`."""
+    request = CompletionRequest(
+        model=BENCH.name, prompt=text, max_tokens=1, temperature=0, ignore_eos=True, kv_from=kv_from
+    )
+    try:
+        return complete(worker.url, request)
+    except WorkerError as e:
+        raise BenchmarkError(f"{worker.name}: {e}") from e
+
+
+def _first_token(worker: Worker, answer: Completed) -> float:
+    """When the first token came, as the client saw it: the prompt's KV computed or loaded."""
+    if answer.finished.first_token_seconds is None:
+        raise BenchmarkError(f"{worker.name} generated no token")
+    return answer.finished.first_token_seconds
 
 
 def tokenize(worker: Worker, text: str) -> list[int]:
-    response = httpx.post(f"{worker.url}/v1/tokenize", json={"prompt": text}, timeout=60)
+    response = httpx.post(f"{worker.url}/tokenize", json={"prompt": text}, timeout=60)
     response.raise_for_status()
     tokens: list[int] = response.json()["tokens"]
     return tokens
@@ -261,9 +268,9 @@ def one_round(a: Worker, b: Worker, processes: Processes, label: str, tokens: in
     url = f"{a.url}/v1/kv/ipfs/{chain[-1]}"
 
     generate(b, f"hello world, not {label}")  # B's context holds something else
-    restored, restore = generate(b, text, kvFrom=url)
-    transfer = restored["usage"]["kvTransfer"]
-    if not transfer or transfer.get("source") != "ipfs":
+    restored = generate(b, text, kv_from=url)
+    transfer = restored.finished.kv_transfer
+    if not transfer or transfer.source != "ipfs":
         raise BenchmarkError(
             f"{b.name} did not load {label}'s KV from IPFS ({transfer}):\n" + processes.tail(b.name)
         )
@@ -271,18 +278,19 @@ def one_round(a: Worker, b: Worker, processes: Processes, label: str, tokens: in
     until(lambda: announced(b, chain[-1], processes), 120, f"{b.name} announces {label}")
 
     generate(b, f"hello again, not {label}")
-    recomputed, recompute = generate(b, text)
-    if recomputed["usage"]["kvTransfer"] is not None or recomputed["usage"]["cachedTokens"] >= 16:
-        raise BenchmarkError(f"{b.name} did not compute {label}: {recomputed['usage']}")
+    recomputed = generate(b, text)
+    computed = recomputed.finished
+    if computed.kv_transfer is not None or computed.usage.cached_tokens >= 16:
+        raise BenchmarkError(f"{b.name} did not compute {label}: {computed.usage}")
     return Round(
-        prompt_tokens=restored["usage"]["promptTokens"],
+        prompt_tokens=restored.finished.usage.prompt_tokens,
         saved_after=saved_after,
-        restore=restore,
-        restore_first_token=restored["usage"]["firstTokenSeconds"],
-        transfer=transfer,
-        recompute=recompute,
-        recompute_first_token=recomputed["usage"]["firstTokenSeconds"],
-        same_text=restored["text"] == recomputed["text"],
+        restore=restored.seconds,
+        restore_first_token=_first_token(b, restored),
+        transfer=transfer.model_dump(exclude_none=True),
+        recompute=recomputed.seconds,
+        recompute_first_token=_first_token(b, recomputed),
+        same_text=restored.text == recomputed.text,
     )
 
 

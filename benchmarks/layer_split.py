@@ -130,16 +130,19 @@ def _split_worker(
 def _generate(url: str, prompt: str, tokens: int) -> dict[str, float]:
     """TTFT and decode tokens/s of one streamed generation."""
     body = {
+        "model": BENCH.name,
         "prompt": prompt,
-        "sampling": {"maxTokens": tokens, "temperature": 0, "ignoreEos": True},
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
         "stream": True,
     }
     started = time.monotonic()
     first = last = 0.0
-    with httpx.stream("POST", f"{url}/v1/generate", json=body, timeout=600) as response:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if line.startswith("data: {") and '"text"' in line:
+            if line.startswith("data: {") and '"text":""' not in line.replace(" ", ""):
                 last = time.monotonic()
                 first = first or last
     return {"ttft": first - started, "tokensPerSecond": (tokens - 1) / max(last - first, 1e-6)}

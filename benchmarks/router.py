@@ -12,7 +12,7 @@ workload over real llama.cpp workers, the latency the router adds, and the KV in
    longest prefix seen before is cached.
 2. Added latency: `--overhead-workers` tiny-model workers; at each rate in `--rates`, requests
    of one token arrive open-loop for `--seconds`, once straight to the workers (round-robin,
-   `POST /v1/generate`) and once through the router (`POST /v1/completions`); the added latency
+   `POST /v1/completions`) and once through the router (`POST /v1/completions`); the added latency
    is the difference of the percentiles.
 3. Index: a `KVIndex` of 1,000 workers x 1,000 blocks (memory by tracemalloc), and the router's
    routing decision over 1,000 such peers for a 64-block prompt, in process.
@@ -43,19 +43,22 @@ import httpx
 import openai
 import yaml
 from openai.types.chat import ChatCompletionMessageParam
+from tests import builders
 
 from benchmarks.common import Processes, say, summary, until
-from edgellm.api import GROUP, VERSION, InferenceRequestSpec
+from edgellm.api import InferenceRequestSpec
 from edgellm.dev.cluster import free_port
 from edgellm.kvcache import BlockStored, prompt_block_keys
 from edgellm.kvcache.index import KVIndex, common_prefix
 from edgellm.kvcache.subscriptions import KVSubscriptions
-from edgellm.router.dispatch import Dispatcher, Job
+from edgellm.router.dispatch import Dispatcher, PromptKeys
 from edgellm.router.metrics import RouterMetrics
 from edgellm.router.peers import PeerDirectory
 from edgellm.router.policies import POLICIES, Policy
 from edgellm.router.tokenizers import GgufTokenizer
 from edgellm.worker.models import BENCH, TINY, WORDS, write_model
+from edgellm.workerapi import Job, WorkerClient
+from edgellm.workerapi.protocol import TokenizeChatRequest
 
 Body = dict[str, Any]
 
@@ -88,27 +91,15 @@ class Worker:
 
 def peer_body(worker: Worker, model: str) -> Body:
     """A Ready PeerNode for the router's --peers-file, as `edgellm join` would write it."""
-    ready = {
-        "type": "Ready",
-        "status": "True",
-        "reason": "HeartbeatFresh",
-        "lastTransitionTime": "2026-01-01T00:00:00Z",
-    }
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "PeerNode",
-        "metadata": {"name": worker.name, "resourceVersion": "1"},
-        "spec": {
-            "cluster": "bench",
-            "endpoint": worker.url,
-            "roles": ["prefill", "decode"],
-            "backends": ["llamacpp"],
-            "resources": {"cpu": "2", "memory": "4Gi"},
-            "models": [{"name": model, "format": "gguf"}],
-            **({"kvEvents": {"endpoint": worker.kv_events}} if worker.kv_events else {}),
-        },
-        "status": {"conditions": [ready]},
-    }
+    events: Body = {"kvEvents": {"endpoint": worker.kv_events}} if worker.kv_events else {}
+    return builders.peer_body(
+        worker.name,
+        cluster="bench",
+        endpoint=worker.url,
+        resources={"cpu": "2", "memory": "4Gi"},
+        models=[{"name": model, "format": "gguf"}],
+        **events,
+    )
 
 
 @contextmanager
@@ -126,8 +117,8 @@ def workers(processes: Processes, model: Path, count: int, prefix: str) -> Itera
     for worker in started:
         until(partial(processes.answer, worker.url), 120, f"{worker.name} answers")
         # The first generation pages the weights in: not something any policy should pay for.
-        warm = {"prompt": "warm up", "sampling": {"maxTokens": 4}}
-        httpx.post(f"{worker.url}/v1/generate", json=warm, timeout=120).raise_for_status()
+        warm = {"model": model.stem, "prompt": "warm up", "max_tokens": 4}
+        httpx.post(f"{worker.url}/v1/completions", json=warm, timeout=120).raise_for_status()
     yield started
 
 
@@ -222,11 +213,12 @@ def oracle_hit_rate(turns: list[Turn], tokenizer: GgufTokenizer) -> float:
     seen: list[list[int]] = []
     cached = total = 0
     for turn in sorted(turns, key=lambda t: t.sent_at):
-        tokens = tokenizer.tokens({"messages": turn.messages})
+        chat = TokenizeChatRequest.model_validate({"messages": turn.messages})
+        tokens = tokenizer.tokens(chat)
         best = max((common_prefix(tokens, s) for s in seen), default=0)
         cached += min(best, len(tokens) - 1)  # the last prompt token is always computed
         total += len(tokens)
-        seen.append(tokenizer.tokenize(tokenizer.text({"messages": turn.messages}) + turn.answer))
+        seen.append(tokenizer.tokenize(tokenizer.text(chat) + turn.answer))
     return cached / total if total else 0.0
 
 
@@ -332,8 +324,8 @@ async def _measure(urls: list[str], router_url: str, rate: float, seconds: float
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
 
         async def direct(index: int) -> None:
-            body = {"prompt": f"{index} the model", "sampling": {"maxTokens": 1}}
-            response = await http.post(f"{urls[index % len(urls)]}/v1/generate", json=body)
+            body = {"model": TINY.name, "prompt": f"{index} the model", "max_tokens": 1}
+            response = await http.post(f"{urls[index % len(urls)]}/v1/completions", json=body)
             response.raise_for_status()
 
         async def routed(index: int) -> None:
@@ -393,14 +385,15 @@ def bench_index(size: Size) -> dict[str, Any]:
         peers.set_peers(
             [peer_body(Worker(f"peer-{w}", url, ""), TINY.name) for w, url in enumerate(addresses)]
         )
-        async with httpx.AsyncClient() as http:
-            dispatcher = Dispatcher(peers, index, http, RouterMetrics())
-            spec = InferenceRequestSpec(model=TINY.name, prompt="x")
-            times = []
-            for _ in range(200):
-                started = time.perf_counter()
-                dispatcher._route(Job("bench", spec), keys, [], frozenset())
-                times.append((time.perf_counter() - started) * 1000)
+        client = WorkerClient()
+        dispatcher = Dispatcher(peers=peers, index=index, client=client, metrics=RouterMetrics())
+        spec = InferenceRequestSpec(model=TINY.name, prompt="x")
+        times = []
+        for _ in range(200):
+            started = time.perf_counter()
+            dispatcher.route(Job("bench", spec), PromptKeys(blocks=keys), frozenset())
+            times.append((time.perf_counter() - started) * 1000)
+        await client.aclose()
         await peers.kv.stop()
         return times
 

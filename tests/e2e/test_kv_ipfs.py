@@ -44,7 +44,7 @@ from edgellm.worker.models import TINY, WORDS, write_model
 from tests.e2e.conftest import eventually, worker_process
 
 T = TypeVar("T")
-GREEDY = {"maxTokens": 12, "temperature": 0, "ignoreEos": True}
+GREEDY = {"model": "tiny-random", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 PIN_CAP = 1 << 20  # bytes: a few states of 600-token prompts of the tiny model
 SEED = "0"
 NOW = "2026-01-01T00:00:00Z"
@@ -87,14 +87,14 @@ class Peer:
         self.seen: list[KVEvent] = []
 
     def generate(self, text: str, **fields: Any) -> dict[str, Any]:
-        body = {"prompt": text, "sampling": GREEDY, **fields}
-        response = httpx.post(f"{self.url}/v1/generate", json=body, timeout=120)
+        body = {**GREEDY, "prompt": text, **fields}
+        response = httpx.post(f"{self.url}/v1/completions", json=body, timeout=120)
         assert response.status_code == 200, response.text
         result: dict[str, Any] = response.json()
         return result
 
     def blocks(self, text: str) -> list[int]:
-        response = httpx.post(f"{self.url}/v1/tokenize", json={"prompt": text}, timeout=30)
+        response = httpx.post(f"{self.url}/tokenize", json={"prompt": text}, timeout=30)
         return list(prompt_block_keys(response.json()["tokens"], seed=SEED))
 
     def announced(self, block: int) -> dict[str, Any] | None:
@@ -215,7 +215,7 @@ def test_a_long_prompt_served_on_one_worker_is_loaded_from_ipfs_by_another(
 ) -> None:
     text = prompt("loaded")
     recomputed = worker_b.generate(text)
-    assert recomputed["usage"]["promptTokens"] >= 512
+    assert recomputed["usage"]["prompt_tokens"] >= 512
     worker_b.generate("hello world")  # B's context no longer holds the prompt
 
     chain, announcement = saved(worker_a, text)
@@ -231,16 +231,16 @@ def test_a_long_prompt_served_on_one_worker_is_loaded_from_ipfs_by_another(
 
     loaded_before = worker_b.transfers("loaded")
     url = f"{worker_a.url}/v1/kv/ipfs/{chain[-1]}"
-    decoded = worker_b.generate(text, kvFrom=url)
+    decoded = worker_b.generate(text, kv_from=url)
 
-    transfer = decoded["usage"]["kvTransfer"]
+    transfer = decoded.get("kv_transfer")
     assert transfer is not None
     assert transfer["source"] == "ipfs"
     assert transfer["tokens"] == len(chain) * 16
     assert transfer["manifest"] == str(announcement.manifest)
-    assert decoded["usage"]["cachedTokens"] >= len(chain) * 16
-    assert decoded["text"] == recomputed["text"]
-    assert decoded["usage"]["completionTokens"] == GREEDY["maxTokens"]
+    assert decoded["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(chain) * 16
+    assert decoded["choices"][0]["text"] == recomputed["choices"][0]["text"]
+    assert decoded["usage"]["completion_tokens"] == GREEDY["max_tokens"]
     assert worker_b.transfers("loaded") == loaded_before + 1
     assert worker_b.metric('edgellm_worker_ipfs_bytes_total{direction="get"}') >= transfer["bytes"]
     assert worker_b.metric("edgellm_worker_ipfs_fetch_duration_seconds_count") >= 1
@@ -258,17 +258,17 @@ def test_a_shorter_prompt_sharing_the_prefix_loads_the_shared_blocks(
     recomputed = worker_b.generate(shorter)
     worker_b.generate("hello world")
 
-    decoded = worker_b.generate(shorter, kvFrom=f"{worker_a.url}/v1/kv/ipfs/{blocks[-1]}")
+    decoded = worker_b.generate(shorter, kv_from=f"{worker_a.url}/v1/kv/ipfs/{blocks[-1]}")
 
-    assert decoded["usage"]["kvTransfer"]["tokens"] == len(blocks) * 16
-    assert decoded["text"] == recomputed["text"]
+    assert decoded["kv_transfer"]["tokens"] == len(blocks) * 16
+    assert decoded["choices"][0]["text"] == recomputed["choices"][0]["text"]
 
 
 def _refused(worker: Peer, text: str, url: str) -> None:
     failed_before = worker.transfers("failed")
-    decoded = worker.generate(text, kvFrom=url)
-    assert decoded["usage"]["kvTransfer"] is None, url
-    assert decoded["usage"]["completionTokens"] == GREEDY["maxTokens"]
+    decoded = worker.generate(text, kv_from=url)
+    assert decoded.get("kv_transfer") is None, url
+    assert decoded["usage"]["completion_tokens"] == GREEDY["max_tokens"]
     assert worker.transfers("failed") == failed_before + 1, url
 
 

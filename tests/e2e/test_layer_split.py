@@ -167,10 +167,16 @@ def _finished(joined: LocalFederation, name: str) -> dict[str, Any]:
 def _whole_model_text(model: Path, sampling: dict[str, Any]) -> str:
     """What one unrestricted peer, holding the whole model, generates."""
     with worker_process(model, "--threads=1") as worker:
-        body = {"prompt": PROMPT, "sampling": sampling}
-        response = httpx.post(f"{worker.url}/v1/generate", json=body, timeout=DONE)
+        body = {
+            "model": "split-random",
+            "prompt": PROMPT,
+            "max_tokens": sampling["maxTokens"],
+            "temperature": sampling["temperature"],
+            "ignore_eos": sampling["ignoreEos"],
+        }
+        response = httpx.post(f"{worker.url}/v1/completions", json=body, timeout=DONE)
     response.raise_for_status()
-    return str(response.json()["text"])
+    return str(response.json()["choices"][0]["text"])
 
 
 def test_a_model_larger_than_any_peer_runs_across_peers_as_on_one(
@@ -269,24 +275,28 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_plans_go_to_split_leaders_only_and_leaders_need_one(tiny_model: Path) -> None:
-    plan = {"context": 512, "leaderLayers": 1, "stages": [{"endpoint": "127.0.0.1:1", "layers": 1}]}
+    plan = {
+        "context": 512,
+        "leader_layers": 1,
+        "stages": [{"endpoint": "127.0.0.1:1", "layers": 1}],
+    }
+    hi = {"model": "tiny-random", "prompt": "hi"}
     with worker_process(tiny_model) as whole, worker_process(tiny_model, "--split") as leader:
-        refused = httpx.post(f"{whole.url}/v1/generate", json={"prompt": "hi", "split": plan})
+        refused = httpx.post(f"{whole.url}/v1/completions", json={**hi, "split": plan})
         assert refused.status_code == 400
         assert "started with --split" in refused.json()["error"]["message"]
-        planless = httpx.post(f"{leader.url}/v1/generate", json={"prompt": "hi"})
+        planless = httpx.post(f"{leader.url}/v1/completions", json=hi)
         assert planless.status_code == 400
         assert "needs its split plan" in planless.json()["error"]["message"]
 
 
 def test_a_leader_names_the_stage_it_cannot_reach(tiny_model: Path) -> None:
     gone = f"127.0.0.1:{free_port()}"
-    plan = {"context": 512, "leaderLayers": 1, "stages": [{"endpoint": gone, "layers": 1}]}
+    plan = {"context": 512, "leader_layers": 1, "stages": [{"endpoint": gone, "layers": 1}]}
+    body = {"model": "tiny-random", "prompt": "hi", "split": plan}
     with worker_process(tiny_model, "--split") as leader:
-        response = httpx.post(
-            f"{leader.url}/v1/generate", json={"prompt": "hi", "split": plan}, timeout=60
-        )
+        response = httpx.post(f"{leader.url}/v1/completions", json=body, timeout=60)
     assert response.status_code == 503
     error = response.json()["error"]
-    assert error["type"] == "split_error"
-    assert error["lostStages"] == [gone]
+    assert error["type"] == "server_error"
+    assert error["lost_stages"] == [gone]

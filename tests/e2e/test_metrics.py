@@ -89,10 +89,8 @@ class Served:
             streamed.read()
         bad = httpx.post(f"{self.router}/v1/chat/completions", json={**chat, "temperature": 7})
         assert bad.status_code == 400
-        sampling = {"maxTokens": 8, "temperature": 0}
-        direct = httpx.post(
-            f"{self.worker}/v1/generate", json={"prompt": "hi", "sampling": sampling}, timeout=60
-        )
+        body = {"model": "tiny-random", "prompt": "hi", "max_tokens": 8, "temperature": 0}
+        direct = httpx.post(f"{self.worker}/v1/completions", json=body, timeout=60)
         assert direct.status_code == 200, direct.text
 
 

@@ -215,7 +215,7 @@ def test_a_generation_stopped_on_its_worker_cancels_the_request(
         uid = objects.get_namespaced_custom_object(
             GROUP, VERSION, "default", "inferencerequests", "stopped-on-worker"
         )["metadata"]["uid"]
-    assert httpx.delete(f"{worker}/v1/generate/{uid}-1", timeout=5).status_code == 204
+    assert httpx.delete(f"{worker}/v1/requests/{uid}-1", timeout=5).status_code == 204
 
     status = _finished(joined, "stopped-on-worker")
     assert status["phase"] == "Cancelled"

@@ -266,12 +266,13 @@ def test_a_prompt_goes_to_the_worker_that_holds_its_prefix(router: Router) -> No
 
     def warmed() -> bool:
         # Straight to the worker, not through the router: only its KV events can tell.
-        body = {"prompt": SHARED + "warm", "sampling": {"maxTokens": 2}}
-        httpx.post(f"{url}/v1/generate", json=body, timeout=30).raise_for_status()
+        body = {"model": "tiny-random", "prompt": SHARED + "warm", "max_tokens": 2}
+        httpx.post(f"{url}/v1/completions", json=body, timeout=30).raise_for_status()
         try:
             eventually(lambda: router.index_blocks() >= prompt_blocks, 5, "KV events arrive")
         except pytest.fail.Exception:
-            httpx.post(f"{url}/v1/generate", json={"prompt": "evict", "sampling": {}}, timeout=30)
+            evict = {"model": "tiny-random", "prompt": "evict"}
+            httpx.post(f"{url}/v1/completions", json=evict, timeout=30)
             return False
         return True
 

@@ -27,6 +27,7 @@ from edgellm.kvcache.blockstore import (
     verify_announcement,
 )
 from edgellm.kvcache.ipfs import KuboClient
+from edgellm.worker.backend import Sampling, Usage
 from edgellm.worker.ipfskv import (
     IPFSKV,
     AnnouncementBook,
@@ -38,7 +39,7 @@ from edgellm.worker.ipfskv import (
     public_pem,
     read_announcement,
 )
-from edgellm.worker.llamacpp import KVStateError, LlamaCppBackend, Sampling, Usage
+from edgellm.worker.llamacpp import KVStateError, LlamaCppBackend
 from edgellm.worker.models import TINY, write_model
 
 KEY = Ed25519PrivateKey.generate()

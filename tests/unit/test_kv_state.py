@@ -12,9 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from edgellm.worker.llamacpp import KVStateError, LlamaCppBackend, Sampling, Usage
+from edgellm.worker.backend import Sampling, Usage
+from edgellm.worker.llamacpp import KVStateError, LlamaCppBackend
+from edgellm.worker.llamaworker import KVStore
 from edgellm.worker.models import TINY, write_model
-from edgellm.worker.server import KVStore, create_app
+from edgellm.worker.server import create_app
 from edgellm.worker.vllm import VllmBackend, VllmSettings
 
 PROMPT = "the federation shares blocks of the cache " * 8
@@ -165,14 +167,16 @@ def test_a_vllm_worker_refuses_prefill_and_kv_from_as_not_implemented(tmp_path: 
     """LMCache moves a vLLM worker's KV; vLLM is not started, as neither request reaches it."""
     settings = VllmSettings.model_validate({"model": "m", "servedModelName": "m"})
     app = create_app(VllmBackend(settings, tmp_path), "m")
-    kv_from = {"prompt": "hi", "kvFrom": "http://127.0.0.1:1/v1/kv/x"}
+    prompt = {"model": "m", "prompt": "hi"}
+    kv_from = {**prompt, "kv_from": "http://127.0.0.1:1/v1/kv/x"}
 
     async def post(path: str, body: dict[str, Any]) -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://worker") as http:
             return await http.post(path, json=body)
 
-    for path, body in (("/v1/prefill", {"id": "x", "prompt": "hi"}), ("/v1/generate", kv_from)):
+    prefill = {**prompt, "request_id": "x"}
+    for path, body in (("/v1/prefill", prefill), ("/v1/completions", kv_from)):
         response = asyncio.run(post(path, body))
         assert response.status_code == 501
         assert "LMCache" in response.json()["error"]["message"]

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from edgellm.api import InferenceRequestSpec, PeerNode
+from edgellm.api import InferenceRequestSpec
 from edgellm.api.peernode import LocalModel
 from edgellm.scheduling import Candidate, Decision, Unschedulable, default_profile
 from edgellm.scheduling.layersplit import (
@@ -17,7 +17,8 @@ from edgellm.scheduling.layersplit import (
     split_context,
 )
 from edgellm.worker.rpc import layer_offload
-from edgellm.worker.split import SplitPlan
+from edgellm.workerapi.protocol import SplitPlan
+from tests.builders import candidate
 
 MiB = 2**20
 # 8 layers of 10 MiB each, no KV: per-layer need is exactly 10 MiB.
@@ -37,27 +38,16 @@ def _peer(
     region: str = "",
     cluster: str = "edge-1",
 ) -> Candidate:
-    spec: dict[str, Any] = {
-        "cluster": cluster,
-        "endpoint": "http://127.0.0.1:8600",
-        "roles": ["prefill", "decode"],
-        "backends": ["llamacpp"],
-        "resources": {"cpu": cpu, "memory": f"{memory_mib}Mi"},
-        "network": {"region": region},
-        "models": [BIG] if holds else [],
-    }
-    if lends:
-        spec["rpcServer"] = {"endpoint": f"{name}:50052"}
-    condition = {
-        "type": "Ready",
-        "status": "True" if ready else "False",
-        "reason": "HeartbeatFresh",
-        "lastTransitionTime": "2026-01-01T00:00:00Z",
-    }
-    peer = PeerNode.model_validate(
-        {"metadata": {"name": name}, "spec": spec, "status": {"conditions": [condition]}}
+    spec: dict[str, Any] = {"rpcServer": {"endpoint": f"{name}:50052"}} if lends else {}
+    return candidate(
+        name,
+        ready=ready,
+        cluster=cluster,
+        resources={"cpu": cpu, "memory": f"{memory_mib}Mi"},
+        network={"region": region},
+        models=[BIG] if holds else [],
+        **spec,
     )
-    return Candidate(peer, local=True)
 
 
 def _layers(plan: LayerPlan | CannotSplit) -> list[tuple[str, int, int]]:
@@ -158,13 +148,13 @@ def test_layer_counts_become_llama_cpp_offload_settings(
 def test_a_split_plan_for_a_leader_is_checked() -> None:
     plan = {
         "context": 512,
-        "leaderLayers": 2,
+        "leader_layers": 2,
         "stages": [{"endpoint": "10.0.0.2:50052", "layers": 6}],
     }
     assert SplitPlan.model_validate(plan).stages[0].layers == 6
     for bad in (
         {**plan, "stages": []},
-        {**plan, "leaderLayers": 0},
+        {**plan, "leader_layers": 0},
         {**plan, "stages": [{"endpoint": "http://10.0.0.2:50052", "layers": 6}]},
     ):
         with pytest.raises(ValidationError):

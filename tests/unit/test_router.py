@@ -4,11 +4,10 @@ import asyncio
 import base64
 from typing import Any
 
-import httpx
 import pytest
 from pydantic import ValidationError
 
-from edgellm.api import InferenceRequestSpec, PeerNode
+from edgellm.api import InferenceRequestSpec
 from edgellm.kvcache import (
     MEDIUM_CPU,
     MEDIUM_IPFS,
@@ -19,37 +18,32 @@ from edgellm.kvcache import (
 from edgellm.kvcache.index import IPFS_HIT_VALUE, KVIndex
 from edgellm.kvcache.subscriptions import KVSubscriptions
 from edgellm.router.access import Access, Denied
-from edgellm.router.dispatch import Dispatcher, Job
+from edgellm.router.dispatch import Dispatcher, PromptKeys
 from edgellm.router.metrics import RouterMetrics
 from edgellm.router.peers import PeerDirectory
 from edgellm.router.policies import RoutingHistory, policy_profile, text_chunk_keys
 from edgellm.router.schemas import ChatCompletionRequest, CompletionRequest
-from edgellm.scheduling import Candidate
+from edgellm.scheduling import Candidate, Decision
+from edgellm.workerapi import Job, WorkerClient
+from tests.builders import candidate, peer_body
 
 NOW = "2026-01-01T00:00:00Z"
 SECRET = {"alice": base64.b64encode(b"sk-alice").decode()}
 
 
-def _body(
-    name: str, cluster: str = "home", ready: str = "True", model: str = "m"
-) -> dict[str, Any]:
-    condition = {"type": "Ready", "status": ready, "reason": "R", "lastTransitionTime": NOW}
-    return {
-        "metadata": {"name": name, "resourceVersion": "1"},
-        "spec": {
-            "cluster": cluster,
-            "endpoint": f"http://{name}:8600",
-            "roles": ["decode"],
-            "backends": ["llamacpp"],
-            "resources": {"cpu": "4", "memory": "8Gi"},
-            "models": [{"name": model, "format": "gguf"}],
-        },
-        "status": {"conditions": [condition]},
-    }
+def _body(name: str, cluster: str = "home", ready: bool = True, model: str = "m") -> dict[str, Any]:
+    return peer_body(
+        name,
+        ready=ready,
+        cluster=cluster,
+        endpoint=f"http://{name}:8600",
+        roles=["decode"],
+        models=[{"name": model, "format": "gguf"}],
+    )
 
 
 def _peer(name: str) -> Candidate:
-    return Candidate(PeerNode.model_validate(_body(name)), local=True)
+    return candidate(name, **_body(name)["spec"])
 
 
 def _part(text: str) -> dict[str, str]:
@@ -174,16 +168,32 @@ def test_an_inference_request_spec_is_what_the_scheduler_reads() -> None:
 def test_the_own_clusters_peer_wins_when_scores_are_otherwise_equal() -> None:
     peers = PeerDirectory(None, KVSubscriptions(KVIndex()))
     # "a-away" comes first by name, which breaks exact ties: only locality can put "z-home" first.
-    down = _body("b-down", ready="False")
+    down = _body("b-down", ready=False)
     peers.set_peers([_body("a-away", "away"), _body("z-home", "home"), down])
-    dispatcher = Dispatcher(
-        peers, peers.kv.index, httpx.AsyncClient(), RouterMetrics(), cluster="home"
-    )
+    dispatcher = _dispatcher(peers, cluster="home")
     spec = CompletionRequest.model_validate({"model": "m", "prompt": "p"}).spec()
-    assert dispatcher._route(Job("j", spec), [], [], frozenset()).peer.name == "z-home"
+    assert _route(dispatcher, Job("j", spec)).peer.name == "z-home"
     peers.failed("z-home")  # a worker that just failed is routed around at once
-    assert dispatcher._route(Job("j", spec), [], [], frozenset()).peer.name == "a-away"
+    assert _route(dispatcher, Job("j", spec)).peer.name == "a-away"
     asyncio.run(peers.kv.stop())
+
+
+def _dispatcher(peers: PeerDirectory, cluster: str | None = None) -> Dispatcher:
+    return Dispatcher(
+        peers=peers,
+        index=peers.kv.index,
+        client=WorkerClient(),
+        metrics=RouterMetrics(),
+        cluster=cluster,
+    )
+
+
+def _route(
+    dispatcher: Dispatcher, job: Job, blocks: list[ExternalBlockHash] | None = None
+) -> Decision:
+    decision = dispatcher.route(job, PromptKeys(blocks=blocks or []), frozenset())
+    assert decision is not None
+    return decision
 
 
 def test_a_prefix_in_ipfs_counts_for_every_peer_and_is_loaded_from_its_announcer() -> None:
@@ -192,12 +202,12 @@ def test_a_prefix_in_ipfs_counts_for_every_peer_and_is_loaded_from_its_announcer
     blocks = prompt_block_keys(list(range(64)), seed="0")  # 4 full blocks
     peers.kv.index.apply("a", [_stored(blocks[:3], MEDIUM_IPFS)])
     peers.kv.index.apply("b", [_stored(blocks[:1], MEDIUM_CPU)])
-    dispatcher = Dispatcher(peers, peers.kv.index, httpx.AsyncClient(), RouterMetrics())
+    dispatcher = _dispatcher(peers)
     spec = CompletionRequest.model_validate({"model": "m", "prompt": "p"}).spec()
-    decision = dispatcher._route(Job("j", spec), blocks, [], frozenset())
+    decision = _route(dispatcher, Job("j", spec), blocks)
     # Three blocks in IPFS are worth more than one in memory, discounted for the fetch.
     assert decision.peer.cached_fraction == pytest.approx(IPFS_HIT_VALUE * 3 / 4)
-    source = dispatcher._from_ipfs(Job("j", spec), decision, blocks)
+    source = dispatcher.from_ipfs(Job("j", spec), decision, blocks)
     assert source is not None
     assert source.kv_from == f"http://a:8600/v1/kv/ipfs/{blocks[2]}"
     assert not source.prefilled
@@ -214,10 +224,10 @@ def test_kv_in_ipfs_of_another_models_peer_is_not_offered() -> None:
     peers.set_peers([_body("a", model="other"), _body("b")])
     blocks = prompt_block_keys(list(range(64)), seed="0")
     peers.kv.index.apply("a", [_stored(blocks, MEDIUM_IPFS)])
-    dispatcher = Dispatcher(peers, peers.kv.index, httpx.AsyncClient(), RouterMetrics())
+    dispatcher = _dispatcher(peers)
     job = Job("j", CompletionRequest.model_validate({"model": "m", "prompt": "p"}).spec())
-    decision = dispatcher._route(job, blocks, [], frozenset())
+    decision = _route(dispatcher, job, blocks)
     assert decision.peer.name == "b"
     assert decision.peer.cached_fraction == 0.0
-    assert dispatcher._from_ipfs(job, decision, blocks) is None
+    assert dispatcher.from_ipfs(job, decision, blocks) is None
     asyncio.run(peers.kv.stop())

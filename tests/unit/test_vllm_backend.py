@@ -10,6 +10,7 @@ import ast
 import asyncio
 import importlib.util
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from edgellm.worker.llamacpp import FinishReason, Piece, PromptTooLongError, Sampling, Usage
+from edgellm.worker.backend import GenerationJob, Sampling, Usage, completion_request
 from edgellm.worker.vllm import (
     IPFS_PLUGIN_CLASS,
     IPFS_PLUGIN_MODULE,
-    CompletionStream,
     HeadlessRankError,
     Lmcache,
     MultiNode,
@@ -32,14 +32,11 @@ from edgellm.worker.vllm import (
     VllmBackend,
     VllmSettings,
     VllmStartError,
-    VllmStreamError,
     base_url,
     command,
-    completion_request,
     environment,
     lmcache_config,
     pipeline_ranks,
-    request_error,
 )
 
 
@@ -494,10 +491,10 @@ def test_a_pipeline_plan_needs_two_distinct_machines() -> None:
         pipeline_ranks(big_model(), peers(("10.0.0.1", 1), ("10.0.0.1", 1)))
 
 
-# The completion request
+# The completion request (vLLM's stream itself is read by the WorkerClient: test_worker_client)
 
 
-def test_the_request_streams_with_usage_and_maps_every_sampling_parameter() -> None:
+def test_the_request_maps_every_sampling_parameter() -> None:
     sampling = Sampling(
         max_tokens=64,
         temperature=0.7,
@@ -509,7 +506,8 @@ def test_the_request_streams_with_usage_and_maps_every_sampling_parameter() -> N
         frequency_penalty=-0.5,
         ignore_eos=True,
     )
-    assert completion_request("llama-8b", "Once", sampling) == {
+    request = completion_request("llama-8b", "Once", sampling)
+    assert request.model_dump(exclude_defaults=True) == {
         "model": "llama-8b",
         "prompt": "Once",
         "max_tokens": 64,
@@ -521,182 +519,14 @@ def test_the_request_streams_with_usage_and_maps_every_sampling_parameter() -> N
         "presence_penalty": 0.5,
         "frequency_penalty": -0.5,
         "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
 
 
 def test_an_unset_seed_is_left_to_vllm_and_kv_transfer_params_pass_through() -> None:
     params = {"disagg_spec": {"req_id": "r1", "receiver_host": "10.0.0.7"}}
-    body = completion_request("m", "p", Sampling(), params)
+    body = completion_request("m", "p", Sampling(), params).model_dump(exclude_none=True)
     assert "seed" not in body
     assert body["kv_transfer_params"] == params
-
-
-# vLLM's stream as pieces
-
-
-def text_chunk(text: str, completion_tokens: int, finish: str | None = None) -> str:
-    """A chunk as vLLM writes it with continuous usage: `exclude_unset=True` keeps the
-    fields its constructor was given, Nones included."""
-    stop_reason = "\n\n" if finish == "stop" else None
-    return "data: " + json.dumps(
-        {
-            "id": "cmpl-3f2a",
-            "object": "text_completion",
-            "created": 1767225600,
-            "model": "llama-8b",
-            "choices": [
-                {
-                    "index": 0,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": finish,
-                    "stop_reason": stop_reason,
-                    "prompt_token_ids": None,
-                    "token_ids": None,
-                    "weight_versions": None,
-                }
-            ],
-            "kv_transfer_params": None,
-            "usage": {
-                "prompt_tokens": 300,
-                "completion_tokens": completion_tokens,
-                "total_tokens": 300 + completion_tokens,
-            },
-        }
-    )
-
-
-def usage_chunk(completion_tokens: int, cached: int | None) -> str:
-    """The final usage chunk, dumped with `exclude_none=True`."""
-    usage: dict[str, Any] = {
-        "prompt_tokens": 300,
-        "total_tokens": 300 + completion_tokens,
-        "completion_tokens": completion_tokens,
-    }
-    if cached is not None:
-        usage["prompt_tokens_details"] = {"cached_tokens": cached}
-    return "data: " + json.dumps(
-        {
-            "id": "cmpl-3f2a",
-            "object": "text_completion",
-            "created": 1767225600,
-            "model": "llama-8b",
-            "choices": [],
-            "usage": usage,
-        }
-    )
-
-
-def read(lines: list[str], usage: Usage) -> list[Piece]:
-    stream = CompletionStream(usage)
-    pieces = []
-    for elapsed, line in enumerate(lines):
-        pieces += stream.feed(line, elapsed * 0.25)
-    assert stream.done
-    return pieces
-
-
-def test_text_arrives_as_it_streams_and_the_finish_waits_for_the_usage() -> None:
-    usage = Usage()
-    lines = [
-        text_chunk("Once", 1),
-        "",
-        text_chunk(" upon", 2),
-        "",
-        text_chunk(" a time", 4, "stop"),
-        "",
-        usage_chunk(4, cached=256),
-        "",
-        "data: [DONE]",
-        "",
-    ]
-    assert read(lines, usage) == [
-        Piece("Once"),
-        Piece(" upon"),
-        Piece(" a time"),
-        Piece("", "stop"),
-    ]
-    assert usage == Usage(
-        prompt_tokens=300, completion_tokens=4, cached_tokens=256, first_token_seconds=0.0
-    )
-
-
-def test_counts_follow_the_stream_before_it_ends() -> None:
-    usage = Usage()
-    stream = CompletionStream(usage)
-    stream.feed(text_chunk("Once", 1), 0.5)
-    stream.feed(text_chunk(" upon", 2), 0.6)
-    assert (usage.prompt_tokens, usage.completion_tokens) == (300, 2)
-    assert usage.first_token_seconds == 0.5
-    assert not stream.done
-
-
-def test_without_prompt_details_no_tokens_count_as_cached() -> None:
-    usage = Usage()
-    read([text_chunk("x", 1, "length"), usage_chunk(1, cached=None), "data: [DONE]"], usage)
-    assert usage.cached_tokens == 0
-
-
-@pytest.mark.parametrize(
-    ("vllm_reason", "reason"),
-    [("stop", "stop"), ("length", "length"), ("abort", "cancelled"), ("repetition", "stop")],
-)
-def test_vllms_finish_reasons_become_the_workers(vllm_reason: str, reason: FinishReason) -> None:
-    pieces = read([text_chunk("", 1, vllm_reason), usage_chunk(1, 0), "data: [DONE]"], Usage())
-    assert pieces == [Piece("", reason)]
-
-
-def test_an_error_event_fails_the_generation() -> None:
-    error = {
-        "error": {
-            "message": "Internal server error",
-            "type": "InternalServerError",
-            "param": None,
-            "code": 500,
-        }
-    }
-    stream = CompletionStream(Usage())
-    stream.feed(text_chunk("Once", 1), 0.1)
-    with pytest.raises(VllmStreamError, match="Internal server error"):
-        stream.feed("data: " + json.dumps(error), 0.2)
-
-
-def test_a_stream_done_without_a_finish_reason_is_an_error() -> None:
-    stream = CompletionStream(Usage())
-    stream.feed(text_chunk("Once", 1), 0.1)
-    with pytest.raises(VllmStreamError, match="without a finish reason"):
-        stream.feed("data: [DONE]", 0.2)
-
-
-def test_an_event_that_is_not_json_is_an_error() -> None:
-    with pytest.raises(VllmStreamError, match="not JSON"):
-        CompletionStream(Usage()).feed("data: {oops", 0.0)
-
-
-def test_a_prompt_over_the_context_is_a_prompt_too_long_error() -> None:
-    body = {
-        "error": {
-            "message": "This model's maximum context length is 4096 tokens. However, your"
-            " prompt contains 5000 input tokens, which exceeds this limit even without any"
-            " output tokens. Please reduce the length of the input prompt.",
-            "type": "BadRequestError",
-            "param": "input_tokens",
-            "code": 400,
-        }
-    }
-    error = request_error(400, json.dumps(body).encode())
-    assert isinstance(error, PromptTooLongError)
-    assert "4096" in str(error)
-
-
-def test_other_refusals_name_the_status_and_message() -> None:
-    body = {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError"}}
-    error = request_error(404, json.dumps(body).encode())
-    assert isinstance(error, VllmStreamError)
-    assert str(error) == "vLLM answered 404: The model `x` does not exist."
-    assert "Bad Gateway" in str(request_error(502, b"Bad Gateway"))
 
 
 # The process
@@ -756,9 +586,10 @@ def test_a_headless_rank_is_started_once_it_outlives_the_grace(tmp_path: Path) -
         await backend.start()  # no /health: port 1 answers nothing
         try:
             with pytest.raises(HeadlessRankError, match="headless rank serves no requests"):
-                await backend.tokenize_async("hi")
+                await backend.tokenize("hi")
+            job = GenerationJob("r", "hi", Sampling())
             with pytest.raises(HeadlessRankError, match="headless rank serves no requests"):
-                await anext(backend.stream("hi", Sampling(), Usage()))
+                await backend.generate(job, Usage(), threading.Event(), lambda _: None)
         finally:
             await backend.stop()
 

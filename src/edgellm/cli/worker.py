@@ -15,10 +15,13 @@ from edgellm.kvcache import DEFAULT_BLOCK_SIZE
 from edgellm.kvcache.blockstore import KVBlockStore
 from edgellm.kvcache.ipfs import KuboClient
 from edgellm.worker import rpc
+from edgellm.worker.backend import Backend
 from edgellm.worker.ipfskv import IPFSKV, key_id, load_or_create_key, load_trusted_keys, public_pem
 from edgellm.worker.kvevents import KVBlockTracker, KVEvents, ZmqEventPublisher
 from edgellm.worker.llamacpp import LlamaCppBackend
-from edgellm.worker.server import Backend, create_app
+from edgellm.worker.llamaworker import LlamaCppWorker
+from edgellm.worker.metrics import WorkerMetrics
+from edgellm.worker.server import create_app
 from edgellm.worker.split import SplitLeader
 from edgellm.worker.vllm import MASTER_PORT, KvEvents, MultiNode, VllmBackend, VllmSettings
 
@@ -149,10 +152,13 @@ def run_worker(
     ] = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Serve a model: generate (whole or streamed), cancel, /healthz and /metrics."""
+    """Serve a model over OpenAI's API (completions and chat, whole or streamed), with
+    EdgeLLM's extensions: cancel, prefill and KV hand-over, /healthz and /metrics."""
     configure_logging(verbose)
     served: Backend
+    engine: LlamaCppBackend | SplitLeader | None = None
     events = None
+    metrics = WorkerMetrics()
     if backend == "vllm":
         if not hash_seed.isdigit():
             raise typer.BadParameter(
@@ -185,20 +191,20 @@ def run_worker(
     else:
         if not model.is_file():
             raise typer.BadParameter("llamacpp serves a GGUF file", param_hint="--model")
-        served = _llamacpp(model, name, threads, context, split, rpc_servers, layers)
-        if kv_events is not None and isinstance(served, LlamaCppBackend):
+        engine = _llamacpp(model, name, threads, context, split, rpc_servers, layers)
+        if kv_events is not None and isinstance(engine, LlamaCppBackend):
             tracker = KVBlockTracker(hash_seed, DEFAULT_BLOCK_SIZE)
             events = KVEvents(tracker, ZmqEventPublisher(kv_events, topic=kv_events_topic))
     ipfs_kv = None
     if ipfs_api is not None:
-        if not isinstance(served, LlamaCppBackend):
+        if not isinstance(engine, LlamaCppBackend):
             raise typer.BadParameter(
                 "only a llama.cpp model served whole shares KV through IPFS (vLLM's go through"
                 " LMCache)",
                 param_hint="--ipfs-api",
             )
         ipfs_kv = _ipfs_kv(
-            served,
+            engine,
             ipfs_api,
             ipfs_key,
             ipfs_trusted,
@@ -207,7 +213,11 @@ def run_worker(
             hash_seed,
             events,
         )
-    app = create_app(served, name or model.stem, events, ipfs_kv=ipfs_kv)
+    if isinstance(engine, LlamaCppBackend):
+        served = LlamaCppWorker(engine, metrics=metrics, kv_events=events, ipfs_kv=ipfs_kv)
+    elif engine is not None:
+        served = engine
+    app = create_app(served, name or model.stem, metrics=metrics)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
     finally:
@@ -228,7 +238,7 @@ def _llamacpp(
         if rpc_servers:
             raise typer.BadParameter("a split's leader gets its servers from each plan")
         workdir = Path(tempfile.mkdtemp(prefix="edgellm-split-"))
-        return SplitLeader(model, name or model.stem, workdir, threads)
+        return SplitLeader(model, name or model.stem, workdir, threads=threads)
     servers = rpc_servers.split(",") if rpc_servers else []
     try:
         counts = [int(n) for n in layers.split(",")] if layers else []

@@ -1,19 +1,22 @@
 """An InferenceRequest's life: Pending -> Scheduled -> Running -> Succeeded | Failed.
 
-The kopf daemon of each unfinished request (`app.py`) calls `RequestRunner.run`, which picks a
-peer with the scheduling framework, streams the generation from the peer's worker, and writes
-assignment, timings, cache figures and output into the status, with an Event at every step.
-A worker that fails mid-request is excluded and the request scheduled again; deleting the
-request stops the daemon, which cancels the generation on the worker.
+The kopf daemon of each unfinished request (`app.py`) calls `RequestRunner.run`, which runs the
+request through the attempt loop the router runs too (`edgellm.workerapi.attempts`): a peer
+picked with the scheduling framework, the generation streamed from its worker, and, when that
+worker fails, the rest asked of another from the text so far. What is the operator's own is
+`_Lifecycle`, its hooks, which write assignment and phase into the status with an Event at
+every step, and the sink that writes the output so far every `progress_interval` and, at the
+end, timings, cache figures and output. Deleting the request stops the daemon, which cancels
+the generation on the worker.
 """
 
 import asyncio
 import base64
-import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -38,15 +41,28 @@ from edgellm.api.inferencerequest import (
     Stage,
 )
 from edgellm.kube import APIError, NotFoundError, objects, translated
-from edgellm.kvcache import ExternalBlockHash, prompt_block_keys
+from edgellm.kvcache import prompt_block_keys
 from edgellm.kvcache.index import KVIndex
-from edgellm.kvcache.tokens import tokenize_on_worker
 from edgellm.operator.events import EventRecorder
 from edgellm.operator.metrics import OperatorMetrics
 from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import SplitDecision, decide_split
 from edgellm.scheduling.layersplit import CannotSplit, LayerPlan, place
+from edgellm.workerapi import (
+    Job,
+    Outcome,
+    Piece,
+    Placement,
+    Progress,
+    StagesLostError,
+    WorkerClient,
+    WorkerError,
+    WorkerFailedError,
+    WorkerRefusedError,
+    attempts,
+    estimated_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,32 +76,6 @@ class RequestFailedError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class StagesLostError(Exception):
-    """Peers holding layers of a split model stopped answering; the leader still does."""
-
-    def __init__(self, peers: set[str], message: str) -> None:
-        super().__init__(message)
-        self.peers = peers
-
-
-@dataclass
-class Progress:
-    """What the request's workers generated so far, over all its attempts."""
-
-    text: str = ""
-    tokens: int = 0
-
-
-@dataclass
-class Attempt:
-    """What one worker produced for the request."""
-
-    text: list[str] = field(default_factory=list)
-    tokens: int = 0
-    finish_reason: str | None = None
-    usage: dict[str, Any] = field(default_factory=dict)
 
 
 class RequestRunner:
@@ -103,6 +93,7 @@ class RequestRunner:
         kv_hash_seed: str = "0",
         peer_models: PeerModels | None = None,
         metrics: OperatorMetrics | None = None,
+        workers: WorkerClient | None = None,
     ) -> None:
         self.local = local
         self.cluster = cluster
@@ -117,7 +108,13 @@ class RequestRunner:
         self.in_flight: Counter[str] = Counter()  # generations running now, by peer
         self.peer_models = PeerModels() if peer_models is None else peer_models
         self.metrics = OperatorMetrics() if metrics is None else metrics
-        self._client: httpx.AsyncClient | None = None
+        # One client for every worker call: a new one costs an SSL context, ~30 ms of CPU.
+        self.workers = (
+            WorkerClient(timeout=httpx.Timeout(30.0, connect=5.0)) if workers is None else workers
+        )
+
+    async def close(self) -> None:
+        await self.workers.aclose()
 
     async def run(self, body: Body, stopped: asyncio.Event) -> None:
         metadata = body["metadata"]
@@ -130,136 +127,76 @@ class RequestRunner:
                 body, InferenceRequestStatus(), "Failed", "InvalidSpec", str(e)[:1000]
             )
             return
-        deadline = created.timestamp() + spec.timeout_seconds
-        excluded: set[str] = set()
         progress = await asyncio.to_thread(self._progress, body, status)
         if status.assignment.decode_peer is not None:
             # An operator stopped mid-request: its generation must not go on beside ours.
-            await self._cancel(status.assignment.decode_peer, _generation_id(body, status))
+            await self._cancel(
+                status.assignment.decode_peer, _generation_id(body, status.assignment.attempts)
+            )
+        lifecycle = None
         try:
-            prompt = await asyncio.to_thread(self._prompt, spec, metadata["namespace"])
-            session = f"{metadata['namespace']}/{spec.session.name}" if spec.session else None
-            blocks = await self._prompt_blocks(spec, prompt)
-            while True:
-                warm = self.sessions.peer(session, time.monotonic()) if session else None
-                candidates = self._candidates(spec.model, warm, blocks)
-                with self.metrics.scheduling_duration.time():
-                    decision, layers = self._schedule(spec, candidates, excluded, prompt)
-                    split = (
-                        None
-                        if layers
-                        else self._split(spec, candidates, decision, prompt, excluded)
-                    )
-                peer = PeerName(decision.peer.name)
-                status.assignment.decode_peer = status.assignment.prefill_peer = peer
-                status.assignment.cluster = decision.peer.peer.spec.cluster
-                status.assignment.stages = [
-                    Stage(
-                        peer=PeerName(s.candidate.name),
-                        first_layer=s.first_layer,
-                        last_layer=s.last_layer,
-                    )
-                    for s in (layers.stages if layers else ())
-                ]
-                status.assignment.attempts += 1
-                status.phase = "Scheduled"
-                logger.info(
-                    "%s/%s: attempt %d on %s after %d tokens",
-                    metadata["namespace"],
-                    metadata["name"],
-                    status.assignment.attempts,
-                    peer,
-                    progress.tokens,
-                )
-                await self._transition(
-                    body,
-                    status,
-                    "Scheduled",
-                    "True",
-                    "PeerChosen",
-                    f"on {decision.peer.name} (attempt {status.assignment.attempts})"
-                    + (f", after {progress.tokens} tokens" if progress.tokens else "")
-                    + (", the session's warm peer" if warm == decision.peer.name else "")
-                    + (f"; {_split_note(split)}" if split else "")
-                    + (f"; the model split across peers: {layers.describe()}" if layers else ""),
-                )
-                remaining = deadline - time.time()
-                if remaining <= 0:
-                    raise RequestFailedError(
-                        "Timeout", f"not finished within {spec.timeout_seconds}s"
-                    )
-                attempt = Attempt()
-                self.in_flight[peer] += 1
-                try:
-                    finished = await self._generate(
-                        body,
-                        status,
-                        decision,
-                        layers,
-                        spec,
-                        prompt,
-                        progress,
-                        attempt,
-                        remaining,
-                        stopped,
-                    )
-                except (StagesLostError, httpx.TransportError, httpx.RemoteProtocolError) as e:
-                    progress = Progress(progress.text + "".join(attempt.text), attempt.tokens)
-                    after = f"after {progress.tokens} tokens"
-                    if isinstance(e, StagesLostError):  # the leader stands: plan around them
-                        lost, reason = e.peers, "StageLost"
-                        note = f"{e}; planning again without {', '.join(sorted(lost))}, {after}"
-                    else:
-                        lost, reason = {decision.peer.name}, "PeerLost"
-                        note = f"{decision.peer.name} failed mid-request ({e}); resuming {after}"
-                    excluded.update(lost)
-                    await asyncio.to_thread(self.events.record, body, "Warning", reason, note)
-                    continue
-                finally:
-                    self.in_flight[peer] -= 1
-                if not finished:  # deleted: the worker was told to stop
-                    return
-                self._complete(status, progress, attempt, created)
-                if attempt.finish_reason == "cancelled":  # stopped on the worker, not by us
-                    await self._finish(
-                        body,
-                        status,
-                        "Cancelled",
-                        "CancelledOnWorker",
-                        f"{decision.peer.name} stopped the generation after"
-                        f" {status.output.completion_tokens if status.output else 0} tokens",
-                    )
-                    return
-                if session and spec.session:
-                    ttl = spec.session.idle_ttl_seconds
-                    self.sessions.served(session, decision.peer.name, ttl, time.monotonic())
-                await self._finish(
-                    body,
-                    status,
-                    "Succeeded",
-                    "Generated",
-                    f"{status.output.completion_tokens if status.output else 0} tokens"
-                    f" on {decision.peer.name}",
-                )
+            job = Job(
+                metadata["uid"], await asyncio.to_thread(self._resolve, spec, metadata["namespace"])
+            )
+            outcome: Outcome | None
+            if progress.tokens >= spec.sampling.max_tokens:
+                # An earlier attempt had finished; its last write was lost.
+                outcome = _finished_before(status, progress)
+            else:
+                tokens = await self._prompt_tokens(job)
+                lifecycle = _Lifecycle(self, body, status, job, created, tokens, progress)
+                outcome = await self._attempts(lifecycle, stopped)
+            if outcome is None:  # deleted, or this replica paused: the worker was told to stop
                 return
+            await self._complete(body, status, job.spec, progress, outcome, created)
         except RequestFailedError as e:
             await self._finish(body, status, "Failed", e.reason, str(e))
+        except WorkerRefusedError as e:
+            peer = lifecycle.current.peer if lifecycle and lifecycle.current else "a worker"
+            await self._finish(body, status, "Failed", "InvalidRequest", f"{peer}: {e}")
         except TimeoutError:
             await self._finish(
                 body, status, "Failed", "Timeout", f"not finished within {spec.timeout_seconds}s"
             )
 
-    def _prompt(self, spec: InferenceRequestSpec, namespace: str) -> dict[str, Any]:
-        """The worker's prompt fields, reading a Secret or ConfigMap for promptFrom."""
-        if spec.prompt is not None:
-            return {"prompt": spec.prompt}
-        if spec.messages is not None:
-            return {"messages": [m.model_dump() for m in spec.messages]}
+    async def _attempts(self, lifecycle: "_Lifecycle", stopped: asyncio.Event) -> Outcome | None:
+        """Runs the attempts until one finishes; None when the request was deleted meanwhile
+        (the worker is told to stop). TimeoutError past the request's deadline."""
+        budget = lifecycle.deadline - time.time()
+        generation = attempts(
+            self.workers,
+            lifecycle.job,
+            lifecycle,
+            request_id=lambda attempt: _generation_id(lifecycle.body, attempt),
+            progress=lifecycle.progress,
+            first_attempt=lifecycle.status.assignment.attempts + 1,
+            http_timeout=httpx.Timeout(max(budget, 1.0), connect=5.0),
+        )
+        running = asyncio.create_task(lifecycle.write_progress(generation))
+        waiting = asyncio.create_task(stopped.wait())
+        done, _ = await asyncio.wait(
+            {running, waiting}, timeout=max(budget, 0.0), return_when=asyncio.FIRST_COMPLETED
+        )
+        waiting.cancel()
+        if running in done:
+            return running.result()  # re-raises what the attempts raised
+        running.cancel()
+        await asyncio.gather(running, waiting, return_exceptions=True)
+        current = lifecycle.current
+        if current is not None:
+            await self._cancel(current.peer, _generation_id(lifecycle.body, lifecycle.attempt))
+        if stopped.is_set():
+            return None
+        raise TimeoutError
+
+    def _resolve(self, spec: InferenceRequestSpec, namespace: str) -> InferenceRequestSpec:
+        """The spec with its prompt: a `promptFrom` read from its Secret or ConfigMap."""
         source = spec.prompt_from
-        assert source is not None  # the spec's validation guarantees one of the three
+        if source is None:
+            return spec
         core = client.CoreV1Api(self.local)
         ref = source.secret_key_ref or source.config_map_key_ref
-        assert ref is not None
+        assert ref is not None  # the spec's validation guarantees one of the two
         try:
             with translated():
                 if source.secret_key_ref is not None:
@@ -274,10 +211,25 @@ class RequestRunner:
             raise RequestFailedError("PromptNotFound", f"{ref.name} has no key {ref.key!r}")
         if not value:
             raise RequestFailedError("EmptyPrompt", f"key {ref.key!r} of {ref.name} is empty")
-        return {"prompt": value}
+        return spec.model_copy(update={"prompt": value, "prompt_from": None})
 
-    def _candidates(
-        self, model: str, session_peer: str | None, blocks: list[ExternalBlockHash]
+    async def _prompt_tokens(self, job: Job) -> list[int] | None:
+        """The prompt's tokens, for looking its KV blocks up; None while no peer publishes KV
+        events. They come from a worker of the model: the operator has no weights."""
+        if not len(self.kv_index):
+            return None
+        holders = [
+            body["spec"]["endpoint"]
+            for body in list(self.peers.values())
+            if any(m.get("name") == job.spec.model for m in body["spec"].get("models", []))
+        ]
+        tokens = await self.workers.tokenize_first(holders, job.tokenize_request())
+        if tokens is not None:
+            logger.debug("%d prompt tokens to look up", len(tokens))
+        return tokens
+
+    def candidates(
+        self, model: str, session_peer: str | None, tokens: list[int] | None
     ) -> list[Candidate]:
         peers = [
             (name, peer)
@@ -285,84 +237,29 @@ class RequestRunner:
             if not isinstance(peer := self.peer_models.get(body), ValidationError)
         ]
         holders = {name for name, peer in peers if any(m.name == model for m in peer.spec.models)}
+        blocks = prompt_block_keys(tokens, seed=self.kv_hash_seed) if tokens else []
         lookup = self.kv_index.lookup(blocks, holders)
-        candidates = []
-        for name, peer in peers:
-            cached = lookup.reusable(lookup.in_memory(name))
-            candidates.append(
-                Candidate(
-                    peer,
-                    local=peer.spec.cluster == self.cluster,
-                    session_warm=name == session_peer,
-                    cached_fraction=cached,
-                    in_flight=self.in_flight[name],
-                )
+        return [
+            Candidate(
+                peer,
+                local=peer.spec.cluster == self.cluster,
+                session_warm=name == session_peer,
+                cached_fraction=lookup.reusable(lookup.in_memory(name)),
+                in_flight=self.in_flight[name],
             )
-        return candidates
-
-    def _http(self) -> httpx.AsyncClient:
-        """One client for every worker call: a new one costs an SSL context, ~30 ms of CPU."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
-        return self._client
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-
-    async def _prompt_blocks(
-        self, spec: InferenceRequestSpec, prompt: dict[str, Any]
-    ) -> list[ExternalBlockHash]:
-        """The prompt's KV block hashes, as the peers' KV events name them; none while no peer
-        publishes events. Tokens come from a worker of the model: the operator has no weights."""
-        if not len(self.kv_index):
-            return []
-        holders = [
-            body["spec"]["endpoint"]
-            for body in list(self.peers.values())
-            if any(m.get("name") == spec.model for m in body["spec"].get("models", []))
+            for name, peer in peers
         ]
-        tokens = await tokenize_on_worker(self._http(), holders, prompt)
-        if tokens is None:
-            return []
-        blocks = prompt_block_keys(tokens, seed=self.kv_hash_seed)
-        logger.debug("%d prompt tokens, %d blocks to look up", len(tokens), len(blocks))
-        return blocks
 
-    def _split(
+    def schedule(
         self,
         spec: InferenceRequestSpec,
         candidates: list[Candidate],
-        decode: Decision,
-        prompt: dict[str, Any],
-        excluded: set[str],
-    ) -> SplitDecision | None:
-        """Whether a second peer should compute the prompt; None when not asked to consider it.
-
-        The operator runs every request on one peer: moving KV between peers is the router's
-        (LMCache, vLLM peers only), so here the decision is only explained.
-        """
-        if spec.placement.disaggregation == "never":
-            return None
-        others = schedule(spec, candidates, self.profile, frozenset({*excluded, decode.peer.name}))
-        if not isinstance(others, Decision):
-            return SplitDecision(False, "no second peer can serve the model")
-        tokens = _estimated_tokens(prompt)
-        return decide_split(
-            spec.placement.disaggregation, others.peer.peer, decode.peer.peer, spec.model, tokens
-        )
-
-    def _schedule(
-        self,
-        spec: InferenceRequestSpec,
-        candidates: list[Candidate],
-        excluded: set[str],
-        prompt: dict[str, Any],
+        excluded: frozenset[str],
+        tokens: int,
     ) -> tuple[Decision, LayerPlan | None]:
         """The peer to run on; for a model too large for any one peer, its leader and the plan
         that splits its layers across peers."""
-        tokens = _estimated_tokens(prompt)
-        placed = place(spec, candidates, self.profile, tokens, frozenset(excluded))
+        placed = place(spec, candidates, self.profile, tokens, excluded)
         if isinstance(placed, Decision):
             return placed, None
         if isinstance(placed, LayerPlan):
@@ -374,97 +271,27 @@ class RequestRunner:
             raise RequestFailedError("UnknownModel", message)
         raise RequestFailedError("NoPeerAvailable", placed.message)
 
-    async def _generate(
+    def explain_split(
         self,
-        body: Body,
-        status: InferenceRequestStatus,
-        decision: Decision,
-        layers: LayerPlan | None,
         spec: InferenceRequestSpec,
-        prompt: dict[str, Any],
-        progress: Progress,
-        attempt: Attempt,
-        budget_seconds: float,
-        stopped: asyncio.Event,
-    ) -> bool:
-        """Streams the generation into `attempt`; False when the request was deleted meanwhile.
+        candidates: list[Candidate],
+        decode: Decision,
+        excluded: frozenset[str],
+        tokens: int,
+    ) -> SplitDecision | None:
+        """Whether a second peer should compute the prompt; None when not asked to consider it.
 
-        The output so far goes to the status every `progress_interval`, so that a resumed
-        request (another peer, another operator) goes on from it rather than from the prompt.
+        The operator runs every request on one peer: moving KV between peers is the router's
+        (LMCache, vLLM peers only), so here the decision is only explained.
         """
-        endpoint = decision.peer.peer.spec.endpoint.rstrip("/")
-        generation_id = _generation_id(body, status)
-        sampling = spec.sampling.model_copy(
-            update={"max_tokens": spec.sampling.max_tokens - progress.tokens}
+        if spec.placement.disaggregation == "never":
+            return None
+        others = schedule(spec, candidates, self.profile, excluded | {decode.peer.name})
+        if not isinstance(others, Decision):
+            return SplitDecision(False, "no second peer can serve the model")
+        return decide_split(
+            spec.placement.disaggregation, others.peer.peer, decode.peer.peer, spec.model, tokens
         )
-        payload = {
-            "id": generation_id,
-            **prompt,
-            "continuation": progress.text,
-            "sampling": sampling.to_wire(),
-            "stream": True,
-        }
-        if layers is not None:
-            payload["split"] = layers.to_worker()
-        attempt.tokens = progress.tokens
-        if sampling.max_tokens <= 0:  # an earlier attempt had finished; its last write was lost
-            attempt.finish_reason = "length"
-            return True
-        status.phase = "Running"
-        status.start_time = status.start_time or datetime.now(UTC)
-        await self._transition(
-            body, status, "Running", "True", "Generating", f"{decision.peer.name} is generating"
-        )
-        created = datetime.fromisoformat(body["metadata"]["creationTimestamp"])
-
-        async def stream() -> None:
-            limits = httpx.Timeout(budget_seconds, connect=5.0)
-            written = time.monotonic()
-            url = f"{endpoint}/v1/generate"
-            async with self._http().stream("POST", url, json=payload, timeout=limits) as response:
-                if response.status_code >= 400:
-                    error = json.loads(await response.aread())["error"]
-                    if error.get("type") == "split_error":
-                        raise _split_failure(decision, layers, error)
-                    message = f"{decision.peer.name}: {error['message']}"
-                    raise RequestFailedError("InvalidRequest", message)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line.removeprefix("data: "))
-                    if "error" in event:
-                        raise _split_failure(decision, layers, event["error"])
-                    if "text" in event:
-                        if status.timings.ttft_seconds is None:
-                            first = (datetime.now(UTC) - created).total_seconds()
-                            status.timings.ttft_seconds = round(first, 3)
-                        attempt.text.append(event["text"])
-                        attempt.tokens = progress.tokens + event["tokens"]
-                    else:
-                        attempt.finish_reason = event["finishReason"]
-                        attempt.usage = event["usage"]
-                    if time.monotonic() - written >= self.progress_interval:
-                        text = progress.text + "".join(attempt.text)
-                        status.output = Output(completion_tokens=attempt.tokens)
-                        await asyncio.to_thread(self._write, body, status, text)
-                        written = time.monotonic()
-            if attempt.finish_reason is None:
-                raise httpx.RemoteProtocolError("the stream ended without a finish reason")
-
-        generating = asyncio.create_task(stream())
-        waiting = asyncio.create_task(stopped.wait())
-        done, _ = await asyncio.wait(
-            {generating, waiting}, timeout=budget_seconds, return_when=asyncio.FIRST_COMPLETED
-        )
-        waiting.cancel()
-        if generating in done:
-            generating.result()  # re-raises what the stream raised
-            return True
-        generating.cancel()
-        await self._cancel(decision.peer.name, generation_id)
-        if waiting in done or stopped.is_set():
-            return False
-        raise TimeoutError
 
     async def _cancel(self, peer: str, generation_id: str) -> None:
         """Tells a peer's worker to stop a generation; it may be gone already."""
@@ -472,44 +299,33 @@ class RequestRunner:
         if not endpoint:
             return
         try:
-            url = f"{endpoint.rstrip('/')}/v1/generate/{generation_id}"
-            await self._http().delete(url, timeout=5.0)
-        except httpx.HTTPError as e:
+            await self.workers.cancel(endpoint, generation_id)
+        except WorkerError as e:
             logger.info("cancelling %s on %s: %s", generation_id, peer, e)
 
-    def _complete(
+    async def _complete(
         self,
+        body: Body,
         status: InferenceRequestStatus,
+        spec: InferenceRequestSpec,
         progress: Progress,
-        attempt: Attempt,
+        outcome: Outcome,
         created: datetime,
     ) -> None:
-        now = datetime.now(UTC)
-        usage = attempt.usage
-        completion = progress.tokens + int(usage.get("completionTokens", 0))
-        prompt_tokens = int(usage.get("promptTokens", 0)) or (
-            status.output.prompt_tokens if status.output else 0
-        )
-        status.output = Output(
-            text=progress.text + "".join(attempt.text),
-            finish_reason=cast(FinishReason, attempt.finish_reason),
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion,
-        )
-        status.cache.prompt_tokens = prompt_tokens
-        status.cache.cached_tokens = int(usage.get("cachedTokens", 0))
-        status.cache.source = "local" if status.cache.cached_tokens else "none"
-        started = status.start_time or now
-        total = (now - created).total_seconds()
-        queue = max((started - created).total_seconds(), 0.0)
-        ttft = status.timings.ttft_seconds or total
-        # Milliseconds are all a person reads in `kubectl get ir`.
-        status.timings.queue_seconds = round(queue, 3)
-        status.timings.ttft_seconds = round(ttft, 3)
-        status.timings.total_seconds = round(total, 3)
-        status.timings.tokens_per_second = round(completion / max(total - ttft, 1e-6), 1)
+        """Writes what the request produced, and its final phase."""
+        _record_output(status, progress, outcome, created)
+        peer = outcome.placement.peer
+        tokens = status.output.completion_tokens if status.output else 0
+        if outcome.finish_reason == "cancelled":  # stopped on the worker, not by us
+            message = f"{peer} stopped the generation after {tokens} tokens"
+            await self._finish(body, status, "Cancelled", "CancelledOnWorker", message)
+            return
+        if spec.session:
+            session = f"{body['metadata']['namespace']}/{spec.session.name}"
+            self.sessions.served(session, peer, spec.session.idle_ttl_seconds, time.monotonic())
+        await self._finish(body, status, "Succeeded", "Generated", f"{tokens} tokens on {peer}")
 
-    async def _transition(
+    async def transition(
         self,
         body: Body,
         status: InferenceRequestStatus,
@@ -524,7 +340,7 @@ class RequestRunner:
             status.conditions, type_, value, reason, message, now, generation
         )
         status.observed_generation = body["metadata"].get("generation")
-        await asyncio.to_thread(self._write, body, status)
+        await asyncio.to_thread(self.write, body, status)
         await asyncio.to_thread(self.events.record, body, "Normal", reason, message)
         self.metrics.request_phases.labels(phase=status.phase).inc()
 
@@ -545,7 +361,7 @@ class RequestRunner:
             datetime.now(UTC),
             body["metadata"].get("generation"),
         )
-        await asyncio.to_thread(self._write, body, status)
+        await asyncio.to_thread(self.write, body, status)
         self.metrics.request_phases.labels(phase=phase).inc()
 
     def _store_output(self, body: Body, text: str) -> ConfigMapRef:
@@ -564,14 +380,15 @@ class RequestRunner:
         output = status.output
         if output is None:
             return Progress()
+        prompt_tokens = output.prompt_tokens or None
         if output.config_map_ref is None:
-            return Progress(output.text or "", output.completion_tokens)
+            return Progress(output.text or "", output.completion_tokens, prompt_tokens)
         ref = output.config_map_ref
         core = client.CoreV1Api(self.local)
         data = core.read_namespaced_config_map(ref.name, body["metadata"]["namespace"]).data
-        return Progress((data or {}).get(ref.key, ""), output.completion_tokens)
+        return Progress((data or {}).get(ref.key, ""), output.completion_tokens, prompt_tokens)
 
-    def _write(self, body: Body, status: InferenceRequestStatus, text: str | None = None) -> None:
+    def write(self, body: Body, status: InferenceRequestStatus, text: str | None = None) -> None:
         """Writes the status; `text`, the output so far, inline or, when large, to a ConfigMap
         the request owns (an object's status must stay small: etcd keeps every version)."""
         metadata = body["metadata"]
@@ -585,14 +402,180 @@ class RequestRunner:
         wire = status.to_wire()
         if status.output is not None and status.output.text is None:
             wire["output"]["text"] = None  # a merge patch keeps what it does not name
-        objects.patch_status(
-            self.local, objects.INFERENCE_REQUESTS, metadata["name"], wire, metadata["namespace"]
+        requests, name = objects.INFERENCE_REQUESTS, metadata["name"]
+        objects.patch_status(self.local, requests, name, wire, metadata["namespace"])
+
+
+class _Lifecycle:
+    """The operator's hooks of the attempt loop for one request: each attempt's placement and
+    phase in the status and Events, and the sink that writes its output as it streams."""
+
+    def __init__(
+        self,
+        runner: RequestRunner,
+        body: Body,
+        status: InferenceRequestStatus,
+        job: Job,
+        created: datetime,
+        tokens: list[int] | None,
+        progress: Progress,
+    ) -> None:
+        self.runner = runner
+        self.progress = progress
+        self.body = body
+        self.status = status
+        self.job = job
+        self.created = created
+        self.tokens = tokens
+        self.deadline = created.timestamp() + job.spec.timeout_seconds
+        namespace = body["metadata"]["namespace"]
+        session = job.spec.session
+        self.session = f"{namespace}/{session.name}" if session else None
+        self.current: Placement | None = None
+        self.attempt = status.assignment.attempts
+
+    async def place(self, attempt: int, excluded: frozenset[str]) -> Placement:
+        runner, spec, status = self.runner, self.job.spec, self.status
+        warm = runner.sessions.peer(self.session, time.monotonic()) if self.session else None
+        candidates = runner.candidates(spec.model, warm, self.tokens)
+        tokens = estimated_tokens(self.job, self.tokens)
+        with runner.metrics.scheduling_duration.time():
+            decision, layers = runner.schedule(spec, candidates, excluded, tokens)
+            split = (
+                None
+                if layers
+                else runner.explain_split(spec, candidates, decision, excluded, tokens)
+            )
+        peer = PeerName(decision.peer.name)
+        status.assignment.decode_peer = status.assignment.prefill_peer = peer
+        status.assignment.cluster = decision.peer.peer.spec.cluster
+        status.assignment.stages = [
+            Stage(
+                peer=PeerName(s.candidate.name), first_layer=s.first_layer, last_layer=s.last_layer
+            )
+            for s in (layers.stages if layers else ())
+        ]
+        status.assignment.attempts = self.attempt = attempt
+        status.phase = "Scheduled"
+        metadata = self.body["metadata"]
+        done = self.progress.tokens
+        logger.info(
+            "%s/%s: attempt %d on %s after %d tokens",
+            metadata["namespace"],
+            metadata["name"],
+            attempt,
+            peer,
+            done,
+        )
+        await runner.transition(
+            self.body,
+            status,
+            "Scheduled",
+            "True",
+            "PeerChosen",
+            f"on {peer} (attempt {attempt})"
+            + (f", after {done} tokens" if done else "")
+            + (", the session's warm peer" if warm == peer else "")
+            + (f"; {_split_note(split)}" if split else "")
+            + (f"; the model split across peers: {layers.describe()}" if layers else ""),
+        )
+        if time.time() >= self.deadline:
+            raise RequestFailedError("Timeout", f"not finished within {spec.timeout_seconds}s")
+        self.current = Placement(peer, decision.peer.peer.spec.endpoint, layers)
+        return self.current
+
+    async def started(self, attempt: int, placement: Placement) -> None:
+        self.runner.in_flight[placement.peer] += 1
+        self.status.phase = "Running"
+        self.status.start_time = self.status.start_time or datetime.now(UTC)
+        message = f"{placement.peer} is generating"
+        await self.runner.transition(
+            self.body, self.status, "Running", "True", "Generating", message
         )
 
+    async def failed(
+        self, attempt: int, placement: Placement, error: WorkerFailedError, lost: set[str]
+    ) -> None:
+        after = f"after {self.progress.tokens} tokens"
+        if isinstance(error, StagesLostError) and lost != {placement.peer}:
+            reason = "StageLost"  # the leader stands: plan around its lost stages
+            note = f"{error}; planning again without {', '.join(sorted(lost))}, {after}"
+        else:
+            reason = "PeerLost"
+            note = f"{placement.peer} failed mid-request ({error}); resuming {after}"
+        await asyncio.to_thread(self.runner.events.record, self.body, "Warning", reason, note)
 
-def _generation_id(body: Body, status: InferenceRequestStatus) -> str:
+    def ended(self, placement: Placement) -> None:
+        self.runner.in_flight[placement.peer] -= 1
+
+    async def write_progress(self, generation: AsyncGenerator[Piece | Outcome, None]) -> Outcome:
+        """Consumes the attempts: the time to the first token, and the output so far every
+        `progress_interval`, so that a resumed request (another peer, another operator) goes
+        on from it rather than from the prompt."""
+        progress, written = self.progress, time.monotonic()
+        async with aclosing(generation) as events:
+            async for event in events:
+                if isinstance(event, Outcome):
+                    return event
+                if self.status.timings.ttft_seconds is None:
+                    first = (datetime.now(UTC) - self.created).total_seconds()
+                    self.status.timings.ttft_seconds = round(first, 3)
+                if time.monotonic() - written >= self.runner.progress_interval:
+                    self.status.output = Output(
+                        prompt_tokens=progress.prompt_tokens or 0,
+                        completion_tokens=progress.tokens,
+                    )
+                    await asyncio.to_thread(
+                        self.runner.write, self.body, self.status, progress.text
+                    )
+                    written = time.monotonic()
+        raise RuntimeError("the attempts ended without an outcome")
+
+
+def _generation_id(body: Body, attempt: int) -> str:
     """Names one attempt on its worker: a late cancel never hits a later attempt."""
-    return f"{body['metadata']['uid']}-{status.assignment.attempts}"
+    return f"{body['metadata']['uid']}-{attempt}"
+
+
+def _finished_before(status: InferenceRequestStatus, progress: Progress) -> Outcome:
+    """The outcome of a request whose tokens were all generated before (by an attempt whose
+    last write was lost)."""
+    peer = status.assignment.decode_peer or ""
+    return Outcome(
+        finish_reason="length",
+        prompt_tokens=progress.prompt_tokens or 0,
+        completion_tokens=progress.tokens,
+        cached_tokens=status.cache.cached_tokens,
+        placement=Placement(peer, ""),
+        attempt=status.assignment.attempts,
+        total_seconds=0.0,
+        first_token_seconds=None,
+    )
+
+
+def _record_output(
+    status: InferenceRequestStatus, progress: Progress, outcome: Outcome, created: datetime
+) -> None:
+    """The output, cache figures and timings of a request that finished."""
+    now = datetime.now(UTC)
+    status.output = Output(
+        text=progress.text,
+        finish_reason=cast(FinishReason, outcome.finish_reason),
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+    )
+    status.cache.prompt_tokens = outcome.prompt_tokens
+    status.cache.cached_tokens = outcome.cached_tokens
+    status.cache.source = "local" if outcome.cached_tokens else "none"
+    started = status.start_time or now
+    total = (now - created).total_seconds()
+    queue = max((started - created).total_seconds(), 0.0)
+    ttft = status.timings.ttft_seconds or total
+    # Milliseconds are all a person reads in `kubectl get ir`.
+    status.timings.queue_seconds = round(queue, 3)
+    status.timings.ttft_seconds = round(ttft, 3)
+    status.timings.total_seconds = round(total, 3)
+    status.timings.tokens_per_second = round(outcome.completion_tokens / max(total - ttft, 1e-6), 1)
 
 
 def _output_config_map(body: Body, text: str) -> dict[str, Any]:
@@ -614,21 +597,6 @@ def _output_config_map(body: Body, text: str) -> dict[str, Any]:
         },
         "data": {OUTPUT_KEY: text},
     }
-
-
-def _estimated_tokens(prompt: dict[str, Any]) -> int:
-    """About four characters a token: the prompt is tokenized on the worker, not here."""
-    return len(json.dumps(prompt)) // 4
-
-
-def _split_failure(
-    decision: Decision, layers: LayerPlan | None, error: dict[str, Any]
-) -> Exception:
-    """A split's failure as the leader reported it: its lost stages, or else the leader's own."""
-    lost = layers.peers_at(error.get("lostStages", [])) if layers else set()
-    if lost:
-        return StagesLostError(lost, error["message"])
-    return httpx.RemoteProtocolError(f"{decision.peer.name}: {error['message']}")
 
 
 def _split_note(split: SplitDecision) -> str:

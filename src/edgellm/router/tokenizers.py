@@ -7,10 +7,11 @@ router tokenizes in process, with the model's own chat template, as the worker d
 """
 
 from pathlib import Path
-from typing import Any
 
 from jinja2 import Template
 from llama_cpp import Llama
+
+from edgellm.workerapi.protocol import TokenizeChatRequest, TokenizeRequest
 
 
 class GgufTokenizer:
@@ -18,15 +19,17 @@ class GgufTokenizer:
         self._llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
         self._template = Template(self._llama.metadata.get("tokenizer.chat_template", ""))
 
-    def text(self, prompt: dict[str, Any]) -> str:
-        """A worker request body's prompt as the model reads it: `prompt`, or `messages`
-        through the model's chat template."""
-        if prompt.get("prompt"):
-            return str(prompt["prompt"])
-        return str(self._template.render(messages=prompt["messages"], add_generation_prompt=True))
+    def text(self, request: TokenizeRequest) -> str:
+        """The prompt as the model reads it: the text, or the messages through the model's
+        chat template (as the worker renders them)."""
+        if not isinstance(request, TokenizeChatRequest):
+            return request.prompt
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        return str(self._template.render(messages=messages, add_generation_prompt=True))
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._llama.tokenize(text.encode(), add_bos=True, special=True))
 
-    def tokens(self, prompt: dict[str, Any]) -> list[int]:
-        return self.tokenize(self.text(prompt))
+    def tokens(self, request: TokenizeRequest) -> list[int]:
+        """What a worker's `/tokenize` would answer, without asking one."""
+        return self.tokenize(self.text(request))

@@ -20,7 +20,7 @@ plan says why with the figures.
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from edgellm.api import InferenceRequestSpec, quantity_value
 from edgellm.api.peernode import LocalModel
@@ -75,17 +75,9 @@ class LayerPlan:
             f"{s.candidate.name} layers {s.first_layer}-{s.last_layer}" for s in self.stages
         )
 
-    def to_worker(self) -> dict[str, Any]:
-        """The plan as the leader's worker reads it (`split` of its generate request)."""
-        leader, *lenders = self.stages
-        return {
-            "context": self.context,
-            "leaderLayers": leader.layers,
-            "stages": [
-                {"endpoint": _rpc_endpoint(stage.candidate), "layers": stage.layers}
-                for stage in lenders
-            ],
-        }
+    def lenders(self) -> list[tuple[str, int]]:
+        """The stages after the leader's: each one's RPC endpoint and how many layers it holds."""
+        return [(_rpc_endpoint(stage.candidate), stage.layers) for stage in self.stages[1:]]
 
     def peers_at(self, endpoints: Iterable[str]) -> set[str]:
         """The lending peers whose RPC servers are at `endpoints` (the leader's lost stages)."""

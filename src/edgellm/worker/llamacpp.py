@@ -1,11 +1,11 @@
 """The llama.cpp backend: one GGUF model in one llama.cpp context, through llama-cpp-python.
 
-The worker's HTTP layer (`server.py`) calls `generate`, which yields each token as llama.cpp
-samples it (counts are exact, stop strings are honoured), so a client sees the first token as
-soon as it exists and a cancelled request stops generating at the next token.
-llama-cpp-python's `Llama` is not safe across threads and has no continuous batching, so the
-caller gives requests turns (the server's `turn`); prompts that share a prefix with the previous
-one reuse its KV cache.
+The worker serves it through `llamaworker.LlamaCppWorker`, which calls `generate`: it yields
+each token as llama.cpp samples it (counts are exact, stop strings are honoured), so a client
+sees the first token as soon as it exists and a cancelled request stops generating at the next
+token. llama-cpp-python's `Llama` is not safe across threads and has no continuous batching, so
+the caller gives requests turns (the worker's `turn`); prompts that share a prefix with the
+previous one reuse its KV cache.
 
 For prefill/decode disaggregation, `prefill` computes a prompt's KV without generating and
 `export_kv_state` writes the context's state as bytes; another worker of the same model loads
@@ -21,7 +21,7 @@ llama.cpp reads it. No pickle: the bytes come from another peer.
 Errors::
 
     ValueError
-    ├── PromptTooLongError  the prompt and maxTokens do not fit the context
+    ├── PromptTooLongError  the prompt and maxTokens do not fit the context (`backend.py`)
     └── KVStateError        KV state bytes that this worker cannot load
 """
 
@@ -34,9 +34,8 @@ import threading
 import time
 import zlib
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import llama_cpp
 import numpy as np
@@ -46,41 +45,7 @@ from llama_cpp import Llama, LogitsProcessorList
 
 from edgellm.kvcache.index import common_prefix
 from edgellm.worker import rpc
-
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One generated token's text; the last piece of a generation carries the finish reason."""
-
-    text: str
-    finish_reason: FinishReason | None = None
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    first_token_seconds: float | None = None
-
-
-class PromptTooLongError(ValueError):
-    """The prompt plus max_tokens does not fit the model's context."""
+from edgellm.worker.backend import Piece, PromptTooLongError, Sampling, Usage
 
 
 class KVStateError(ValueError):
@@ -169,10 +134,6 @@ class LlamaCppBackend:
     def tokenize(self, text: str) -> list[int]:
         return list(self._llama.tokenize(text.encode(), add_bos=True, special=True))
 
-    async def tokenize_async(self, text: str) -> list[int]:
-        # Tokenizing touches only the vocabulary, not the context a generation may be using.
-        return self.tokenize(text)
-
     def context_tokens(self) -> list[int]:
         """The tokens whose KV the context holds (the last prompt and its generation)."""
         return [int(t) for t in self._llama.input_ids[: self._llama.n_tokens]]
@@ -183,19 +144,10 @@ class LlamaCppBackend:
         return str(Template(template).render(messages=messages, add_generation_prompt=True))
 
     def generate(
-        self,
-        prompt: str,
-        sampling: Sampling,
-        usage: Usage,
-        cancelled: threading.Event,
-        continuation: str = "",
+        self, prompt: str, sampling: Sampling, usage: Usage, cancelled: threading.Event
     ) -> Generator[Piece, None, None]:
-        """Yields the generated text token by token; `usage` is filled as it goes.
-
-        `continuation` is text already generated for this prompt (by a peer that was lost): it
-        joins the prompt's context, and generation goes on after it.
-        """
-        tokens = self._prompt_tokens(prompt, continuation, sampling.max_tokens, usage)
+        """Yields the generated text token by token; `usage` is filled as it goes."""
+        tokens = self._prompt_tokens(prompt, sampling.max_tokens, usage)
         started = time.monotonic()
         usage.cached_tokens = common_prefix(self.context_tokens(), tokens)
         if sampling.seed is not None:
@@ -237,10 +189,10 @@ class LlamaCppBackend:
                 return
             yield Piece(piece)
 
-    def prefill(self, prompt: str, max_tokens: int, usage: Usage, continuation: str = "") -> float:
-        """Computes the KV of `prompt + continuation` without generating; returns the seconds
-        it took. The common prefix with what the context holds is reused, as in `generate`."""
-        tokens = self._prompt_tokens(prompt, continuation, max_tokens, usage)
+    def prefill(self, prompt: str, max_tokens: int, usage: Usage) -> float:
+        """Computes the KV of `prompt` without generating; returns the seconds it took. The
+        common prefix with what the context holds is reused, as in `generate`."""
+        tokens = self._prompt_tokens(prompt, max_tokens, usage)
         started = time.monotonic()
         cached = common_prefix(self.context_tokens(), tokens)
         # The last token is evaluated anew even when cached, as `generate` does: the context's
@@ -338,19 +290,17 @@ class LlamaCppBackend:
             raise KVStateError("the KV state is corrupt: its CRC-32 does not match")
         return header, offset
 
-    def _prompt_tokens(
-        self, prompt: str, continuation: str, max_tokens: int, usage: Usage
-    ) -> list[int]:
-        """The tokens of the prompt and continuation, checked to fit the context with
-        max_tokens; counts the prompt's in `usage`."""
-        # One tokenization of the whole: tokenizing the continuation alone would add a space.
-        tokens = self.tokenize(prompt + continuation)
+    def _prompt_tokens(self, prompt: str, max_tokens: int, usage: Usage) -> list[int]:
+        """The prompt's tokens, checked to fit the context with max_tokens, counted in `usage`.
+        A prompt that goes on from text a lost peer generated is tokenized whole: tokenizing
+        that text alone would add a space."""
+        tokens = self.tokenize(prompt)
         if len(tokens) + max_tokens > self.context:
             raise PromptTooLongError(
-                f"the prompt has {len(tokens)} tokens and maxTokens is {max_tokens}:"
+                f"the prompt has {len(tokens)} tokens and max_tokens is {max_tokens}:"
                 f" more than the model's context of {self.context}"
             )
-        usage.prompt_tokens = len(self.tokenize(prompt)) if continuation else len(tokens)
+        usage.prompt_tokens = len(tokens)
         return tokens
 
     def _keep(self, count: int) -> int:

@@ -1,65 +1,43 @@
 """Leading a model split across peers: `edgellm worker --split`.
 
 The peer holds the weights of a model too large for it. Each generation carries the plan the
-scheduler made (`SplitPlan`: how many layers this peer keeps, and which peers' llama.cpp RPC
-servers hold the rest). The model runs in a child `edgellm worker` that loads it across those
-servers, started for a plan and kept while plans repeat; a new plan restarts it.
+scheduler made (`SplitPlan` of the worker protocol: how many layers this peer keeps, and which
+peers' llama.cpp RPC servers hold the rest). The model runs in a child `edgellm worker` that
+loads it across those servers, started for a plan and kept while plans repeat; a new plan
+restarts it. Generations stream from the child through the `WorkerClient`.
 
 A stage that dies makes llama.cpp abort the child. The stream then breaks off, and this
-worker names the stages that no longer answer (`StageLostError`), so that the scheduler plans
-again without them and resumes the request from what was generated.
+worker names the stages that no longer answer (`StagesLostError`), so that the scheduler plans
+again without them and resumes the request from what was generated; when every stage still
+answers, the failure is this peer's own (`WorkerFailedError`).
 """
 
 import asyncio
-import dataclasses
-import json
 import socket
 import sys
-from collections.abc import AsyncGenerator
+import threading
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Final
 
-import httpx
 from jinja2 import Template
 from llama_cpp import Llama
-from pydantic import Field
 
-from edgellm.api._common import Model
 from edgellm.worker import rpc
+from edgellm.worker.backend import (
+    Generation,
+    GenerationJob,
+    InvalidJobError,
+    NoKVSharing,
+    Piece,
+    UnsupportedError,
+    Usage,
+    completion_request,
+    stream_pieces,
+)
 from edgellm.worker.child import ChildServer
-from edgellm.worker.llamacpp import Piece, PromptTooLongError, Sampling, Usage
-
-MAX_STAGES: Final = 15  # GGML_RPC_MAX_SERVERS is 16 devices; one stays for growth
-STAGE_ENDPOINT_PATTERN: Final = r"^[A-Za-z0-9.-]+:[0-9]{1,5}$"
-
-
-class RemoteStage(Model):
-    endpoint: str = Field(pattern=STAGE_ENDPOINT_PATTERN, max_length=260)
-    """host:port of the peer's llama.cpp RPC server."""
-    layers: int = Field(ge=1, le=4096)
-    """The consecutive layers it holds, after the previous stage's."""
-
-
-class SplitPlan(Model):
-    """How a generation's model is split: this peer's first layers, then each stage's."""
-
-    context: int = Field(ge=16, le=1 << 20)
-    """Tokens of context the split is loaded with; its KV cache is on the layers' peers."""
-    leader_layers: int = Field(ge=1, le=4096)
-    """The first layers, which the leading peer keeps."""
-    stages: list[RemoteStage] = Field(min_length=1, max_length=MAX_STAGES)
-
-
-class SplitError(Exception):
-    """The split's child failed, and every stage still answers: this peer's own failure."""
-
-
-class StageLostError(SplitError):
-    """Stages of the split stopped answering."""
-
-    def __init__(self, endpoints: list[str]) -> None:
-        super().__init__(f"the split lost its stage(s) {', '.join(endpoints)}")
-        self.endpoints = endpoints
+from edgellm.workerapi.client import WorkerClient
+from edgellm.workerapi.errors import StagesLostError, WorkerFailedError
+from edgellm.workerapi.protocol import SplitPlan
 
 
 def _free_port() -> int:
@@ -68,14 +46,17 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-class SplitLeader:
+class SplitLeader(NoKVSharing):
     """A worker backend for a model served split: the plan comes with each generation."""
+
+    no_prefill = "a split model is prefilled and decoded by the same peers"
 
     def __init__(
         self,
         model: Path,
         name: str,
         workdir: Path,
+        *,
         threads: int | None = None,
         startup_timeout: float = 600.0,
     ) -> None:
@@ -90,6 +71,7 @@ class SplitLeader:
         self._child: ChildServer | None = None
         self._url = ""
         self._turn = asyncio.Lock()  # one plan at a time: a stage serves one leader
+        self._client = WorkerClient()
 
     @property
     def context(self) -> int:
@@ -99,17 +81,39 @@ class SplitLeader:
         template = self._vocabulary.metadata.get("tokenizer.chat_template", "")
         return str(Template(template).render(messages=messages, add_generation_prompt=True))
 
-    async def tokenize_async(self, text: str) -> list[int]:
+    async def tokenize(self, text: str) -> list[int]:
         return list(self._vocabulary.tokenize(text.encode(), add_bos=True, special=True))
+
+    def running(self, in_flight: int) -> int:
+        return min(in_flight, 1) if self._turn.locked() else 0
+
+    async def start(self) -> None:
+        """The child starts with the first plan."""
+
+    async def generate(
+        self,
+        job: GenerationJob,
+        usage: Usage,
+        cancelled: threading.Event,
+        on_close: Callable[[str], None],
+    ) -> Generation:
+        if job.split is None:
+            raise InvalidJobError(
+                "this worker leads a split model: each generation needs its split plan"
+            )
+        if job.kv_from is not None or job.kv_transfer_params is not None:
+            raise UnsupportedError("a split model computes its prompts itself, without kv_from")
+        pieces = self._stream(job, job.split, usage)
+        return Generation(pieces, cancelled=cancelled, on_close=on_close)
 
     async def _load(self, plan: SplitPlan) -> None:
         """Runs the child for `plan`, unless it already runs for it."""
         if self._child is not None and self._child.running and plan == self._plan:
             return
-        await self.stop()
+        await self._stop_child()
         endpoints = [stage.endpoint for stage in plan.stages]
         if lost := [e for e in endpoints if not await asyncio.to_thread(rpc.reachable, e)]:
-            raise StageLostError(lost)  # llama.cpp would abort on them
+            raise StagesLostError(lost)  # llama.cpp would abort on them
         port = _free_port()
         layers = [plan.leader_layers, *(stage.layers for stage in plan.stages)]
         argv = [
@@ -136,59 +140,34 @@ class SplitLeader:
             self._plan = None
             raise await self._failure(plan) from e
 
-    async def _failure(self, plan: SplitPlan) -> SplitError:
+    async def _failure(self, plan: SplitPlan) -> WorkerFailedError:
         """What broke: the stages that no longer answer, or else this peer's child."""
         probes = [asyncio.to_thread(rpc.reachable, s.endpoint) for s in plan.stages]
         answers = await asyncio.gather(*probes)
         lost = [s.endpoint for s, up in zip(plan.stages, answers, strict=True) if not up]
         if lost:
-            return StageLostError(lost)
+            return StagesLostError(lost)
         log = self._child.log_path if self._child else self.workdir
-        return SplitError(f"the split's leader failed; see {log}")
+        return WorkerFailedError(f"the split's leader failed; see {log}")
 
-    async def stream(
-        self, prompt: str, continuation: str, sampling: Sampling, usage: Usage, plan: SplitPlan
+    async def _stream(
+        self, job: GenerationJob, plan: SplitPlan, usage: Usage
     ) -> AsyncGenerator[Piece, None]:
-        """Yields the generation's pieces from the child, as the llama.cpp backend would."""
-        payload = {
-            "prompt": prompt,
-            "continuation": continuation,
-            "sampling": {**dataclasses.asdict(sampling), "stop": list(sampling.stop)},
-            "stream": True,
-        }
+        """The generation's pieces from the child, as the llama.cpp backend would yield them."""
         async with self._turn:
             await self._load(plan)
-            finished = False
+            request = completion_request(self.name, job.prompt, job.sampling)
             try:
-                async with (
-                    httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None)) as http,
-                    http.stream("POST", f"{self._url}/v1/generate", json=payload) as response,
-                ):
-                    if response.status_code == 400:
-                        error = json.loads(await response.aread())["error"]["message"]
-                        raise PromptTooLongError(error)
-                    response.raise_for_status()
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        event = json.loads(line.removeprefix("data: "))
-                        if "text" in event:
-                            usage.completion_tokens = event["tokens"]
-                            yield Piece(event["text"])
-                            continue
-                        counts = event["usage"]
-                        usage.prompt_tokens = counts["promptTokens"]
-                        usage.completion_tokens = counts["completionTokens"]
-                        usage.cached_tokens = counts["cachedTokens"]
-                        usage.first_token_seconds = counts["firstTokenSeconds"]
-                        finished = True
-                        yield Piece("", event["finishReason"])
-            except httpx.HTTPError:
-                pass  # judged below, with the stages probed
-            if not finished:
-                raise await self._failure(plan)
+                async for piece in stream_pieces(self._client, self._url, request, usage):
+                    yield piece
+            except WorkerFailedError as e:  # judged with the stages probed
+                raise await self._failure(plan) from e
 
     async def stop(self) -> None:
+        await self._stop_child()
+        await self._client.aclose()
+
+    async def _stop_child(self) -> None:
         if self._child is not None:
             await self._child.stop()
         self._child = None

@@ -1,10 +1,11 @@
 """The vLLM backend: one model served by `vllm serve` on the GPUs of this peer.
 
-The worker runtime builds `VllmSettings` from the peer's placement (model, role, parallelism)
-and calls `VllmBackend.start`; the worker's HTTP layer then calls `stream`, which yields the
-same `Piece`s as the llama.cpp backend. vLLM runs as a child process: the pure functions
-`command`, `lmcache_config` and `environment` say exactly how it is started, so they are
-tested without a GPU, and vLLM itself is never imported (it is the optional `gpu` extra).
+The worker runtime builds `VllmSettings` from the peer's placement (model, role, parallelism);
+the worker's HTTP layer starts `VllmBackend` and asks it for generations, which it streams from
+vLLM's own OpenAI API through the `WorkerClient` (vLLM is an OpenAI server as EdgeLLM's workers
+are) as the same `Piece`s as the llama.cpp backend. vLLM runs as a child process: the pure
+functions `command`, `lmcache_config` and `environment` say exactly how it is started, so they
+are tested without a GPU, and vLLM itself is never imported (it is the optional `gpu` extra).
 
 Every worker of the federation hashes prompt blocks the same way, so that one KV index serves
 them all: sha256 over canonical CBOR (`sha256_cbor`, portable across processes and
@@ -49,20 +50,22 @@ implied by nnodes > 1 on CUDA only, so it is passed explicitly),
 Errors::
 
     VllmError
-    ├── VllmStartError    `vllm serve` exited while starting, or was not healthy by the deadline
-    ├── NoChatTemplateError  messages sent to a model without a chat template
-    ├── HeadlessRankError a request reached a rank of a pipeline other than 0
-    └── VllmStreamError   a generation failed: vLLM refused it, or its stream broke off
+    ├── VllmStartError       `vllm serve` exited while starting, or was not healthy by the
+    │                        deadline
+    ├── NoChatTemplateError  messages sent to a model without a chat template (an
+    │                        `InvalidJobError`: 400)
+    └── HeadlessRankError    a request reached a rank of a pipeline other than 0 (an
+                             `UnsupportedError`: 501)
 
-A prompt longer than the model's context raises the llama.cpp backend's `PromptTooLongError`,
-which the worker already answers with a 400.
+What vLLM refuses (a prompt over its context) or fails comes as the `WorkerClient`'s
+`WorkerRefusedError` or `WorkerFailedError`, which the worker answers as vLLM did.
 """
 
 import asyncio
 import json
 import logging
-import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, Self
 
@@ -73,8 +76,19 @@ from pydantic import ConfigDict, Field, model_validator
 
 from edgellm.api._common import Model
 from edgellm.kvcache import DEFAULT_BLOCK_SIZE
+from edgellm.worker.backend import (
+    Generation,
+    GenerationJob,
+    InvalidJobError,
+    NoKVSharing,
+    UnsupportedError,
+    Usage,
+    completion_request,
+    stream_pieces,
+)
 from edgellm.worker.child import ChildServer, ChildStartError
-from edgellm.worker.llamacpp import FinishReason, Piece, PromptTooLongError, Sampling, Usage
+from edgellm.workerapi.client import WorkerClient
+from edgellm.workerapi.protocol import TokenizeCompletionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -101,14 +115,6 @@ _KV_ROLES: Final[dict[Role, str]] = {
     "decode": "kv_consumer",
     "both": "kv_both",
 }
-# vLLM's finish reasons (vllm/v1/engine: FinishReason) as the worker's. A reason a later vLLM
-# adds ends the generation normally rather than failing a finished request.
-_FINISH_REASONS: Final[dict[str, FinishReason]] = {
-    "stop": "stop",
-    "length": "length",
-    "abort": "cancelled",
-    "repetition": "stop",
-}
 
 
 class VllmError(Exception):
@@ -119,16 +125,12 @@ class VllmStartError(VllmError):
     """`vllm serve` exited, or did not become healthy before the deadline."""
 
 
-class NoChatTemplateError(VllmError, ValueError):
+class NoChatTemplateError(VllmError, InvalidJobError):
     """Messages were sent, but the model has no chat template to render them with."""
 
 
-class HeadlessRankError(VllmError):
+class HeadlessRankError(VllmError, UnsupportedError):
     """A request reached a headless rank of a pipeline over machines: rank 0 serves them."""
-
-
-class VllmStreamError(VllmError):
-    """A generation failed: vLLM refused the request, sent an error, or cut the stream."""
 
 
 class KvEvents(Model):
@@ -586,114 +588,6 @@ def base_url(settings: VllmSettings) -> str:
     return f"http://{host}:{settings.port}"
 
 
-def completion_request(
-    model: str,
-    prompt: str,
-    sampling: Sampling,
-    kv_transfer_params: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The body of a streamed `/v1/completions` request
-    (vllm/entrypoints/openai/completion/protocol.py: CompletionRequest)."""
-    body: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": sampling.max_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "top_k": sampling.top_k,  # 0 turns it off, in vLLM as in the API
-        "stop": list(sampling.stop),
-        "presence_penalty": sampling.presence_penalty,
-        "frequency_penalty": sampling.frequency_penalty,
-        "ignore_eos": sampling.ignore_eos,
-        "stream": True,
-        # Continuous usage keeps completion_tokens exact even when the client leaves early.
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-    }
-    if sampling.seed is not None:
-        body["seed"] = sampling.seed
-    if kv_transfer_params is not None:
-        body["kv_transfer_params"] = dict(kv_transfer_params)
-    return body
-
-
-def _error_message(payload: Any) -> str:
-    if isinstance(payload, dict):
-        error = payload.get("error")
-        if isinstance(error, dict) and "message" in error:
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-        if "detail" in payload:  # FastAPI's own errors
-            return str(payload["detail"])
-    return str(payload)
-
-
-def request_error(status: int, body: bytes) -> Exception:
-    """The error for a response vLLM refused with `status` before streaming."""
-    try:
-        message = _error_message(json.loads(body))
-    except ValueError:
-        message = body.decode(errors="replace")
-    if status == 400 and "maximum context length" in message:
-        return PromptTooLongError(message)
-    return VllmStreamError(f"vLLM answered {status}: {message}")
-
-
-class CompletionStream:
-    """vLLM's streamed completion as `Piece`s, one server-sent event at a time.
-
-    Pure (the caller passes the elapsed time), so tests feed it chunks shaped exactly as
-    vLLM's `completion_stream_generator` writes them. Text is yielded as it arrives; the
-    finishing piece waits for `[DONE]`, after the final usage chunk, because whoever reads
-    the finish reason reads the usage with it.
-    """
-
-    def __init__(self, usage: Usage) -> None:
-        self.usage = usage
-        self.done = False
-        self._finish: FinishReason | None = None
-
-    def feed(self, line: str, elapsed: float) -> list[Piece]:
-        """The pieces that one line of the event stream completes."""
-        if not line.startswith("data:"):
-            return []  # blank separators, comments, other SSE fields
-        data = line[len("data:") :].strip()
-        if data == "[DONE]":
-            self.done = True
-            if self._finish is None:
-                raise VllmStreamError("vLLM ended the stream without a finish reason")
-            return [Piece("", self._finish)]
-        try:
-            chunk = json.loads(data)
-        except ValueError as e:
-            raise VllmStreamError(f"vLLM sent an event that is not JSON: {data[:200]!r}") from e
-        if not isinstance(chunk, dict):
-            raise VllmStreamError(f"vLLM sent an event that is not an object: {data[:200]!r}")
-        if "error" in chunk:
-            raise VllmStreamError(f"vLLM failed the generation: {_error_message(chunk)}")
-        self._count(chunk.get("usage"))
-        pieces = []
-        for choice in chunk.get("choices") or []:
-            if self.usage.first_token_seconds is None:
-                self.usage.first_token_seconds = elapsed
-            if choice.get("text"):
-                pieces.append(Piece(choice["text"]))
-            if choice.get("finish_reason") is not None:
-                self._finish = _FINISH_REASONS.get(choice["finish_reason"], "stop")
-        return pieces
-
-    def _count(self, usage: Any) -> None:
-        if not isinstance(usage, dict):
-            return
-        self.usage.prompt_tokens = usage.get("prompt_tokens") or self.usage.prompt_tokens
-        self.usage.completion_tokens = (
-            usage.get("completion_tokens") or self.usage.completion_tokens
-        )
-        details = usage.get("prompt_tokens_details")
-        if isinstance(details, dict) and details.get("cached_tokens") is not None:
-            self.usage.cached_tokens = details["cached_tokens"]
-
-
 def _model_file(model: str, name: str) -> dict[str, Any] | None:
     """A JSON file of a local model folder; None for a hub id or a missing file."""
     path = Path(model) / name
@@ -710,8 +604,10 @@ def _token_text(token: Any) -> str:
     return str(token or "")
 
 
-class VllmBackend:
+class VllmBackend(NoKVSharing):
     """`vllm serve` as a child process, and generation over its OpenAI API."""
+
+    no_prefill = "the vLLM backend moves KV with LMCache, not /v1/prefill"
 
     def __init__(
         self,
@@ -742,7 +638,7 @@ class VllmBackend:
             stop_grace=stop_grace,
             quiet_grace=headless_grace,
         )
-        self._client: httpx.AsyncClient | None = None
+        self._client: WorkerClient | None = None
 
     @property
     def context(self) -> int:
@@ -771,20 +667,20 @@ class VllmBackend:
             )
         )
 
-    def _api(self) -> httpx.AsyncClient:
+    def running(self, in_flight: int) -> int:
+        return in_flight  # vLLM batches every request it has
+
+    def _api(self) -> WorkerClient:
         if self._client is not None:
             return self._client
         if self.settings.headless:
             raise HeadlessRankError("a headless rank serves no requests: rank 0's worker does")
         raise RuntimeError("vLLM is not started")
 
-    async def tokenize_async(self, text: str) -> list[int]:
+    async def tokenize(self, text: str) -> list[int]:
         """The prompt's tokens, from vLLM's own tokenizer (its /tokenize endpoint)."""
-        body = {"model": self.settings.served_model_name, "prompt": text}
-        response = await self._api().post("/tokenize", json=body)
-        if response.status_code != 200:
-            raise request_error(response.status_code, response.content)
-        return [int(t) for t in response.json()["tokens"]]
+        request = TokenizeCompletionRequest(model=self.settings.served_model_name, prompt=text)
+        return await self._api().tokenize(self.url, request)
 
     def _prepare(self) -> None:
         """Writes the LMCache YAML."""
@@ -797,9 +693,7 @@ class VllmBackend:
         `headless_grace` seconds."""
         await asyncio.to_thread(self._prepare)
         if not self.settings.headless:
-            self._client = httpx.AsyncClient(
-                base_url=self.url, timeout=httpx.Timeout(10.0, read=self.read_timeout)
-            )
+            self._client = WorkerClient(timeout=httpx.Timeout(10.0, read=self.read_timeout))
         env = environment(self.settings, self.config_path)
         try:
             await self._child.start(command(self.settings), env)
@@ -815,34 +709,22 @@ class VllmBackend:
             await client.aclose()
         await self._child.stop()
 
-    async def stream(
+    async def generate(
         self,
-        prompt: str,
-        sampling: Sampling,
+        job: GenerationJob,
         usage: Usage,
-        *,
-        kv_transfer_params: Mapping[str, Any] | None = None,
-    ) -> AsyncGenerator[Piece, None]:
-        """Yields the generated text as vLLM streams it; `usage` is filled as it goes.
-
-        Closing the iterator (or cancelling its task) closes the HTTP stream, and vLLM aborts
-        a request whose client left. `kv_transfer_params` go to LMCache's connector (a
+        cancelled: threading.Event,
+        on_close: Callable[[str], None],
+    ) -> Generation:
+        """Streams the generation from vLLM; closing it closes the HTTP stream, and vLLM
+        aborts a request whose client left. `kv_transfer_params` go to LMCache's connector (a
         disaggregated request's `disagg_spec`)."""
-        client = self._api()
-        body = completion_request(
-            self.settings.served_model_name, prompt, sampling, kv_transfer_params
+        if job.kv_from is not None:
+            raise UnsupportedError("the vLLM backend moves KV with LMCache, not kv_from")
+        if job.split is not None:
+            raise InvalidJobError("a vLLM worker serves its model whole, without split plans")
+        request = completion_request(
+            self.settings.served_model_name, job.prompt, job.sampling, job.kv_transfer_params
         )
-        reader = CompletionStream(usage)
-        started = time.monotonic()
-        try:
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code != 200:
-                    raise request_error(response.status_code, await response.aread())
-                async for line in response.aiter_lines():
-                    for piece in reader.feed(line, time.monotonic() - started):
-                        yield piece
-                    if reader.done:
-                        return
-        except httpx.TransportError as e:
-            raise VllmStreamError(f"the stream from vLLM at {self.url} broke: {e}") from e
-        raise VllmStreamError("vLLM closed the stream before it finished")
+        pieces = stream_pieces(self._api(), self.url, request, usage)
+        return Generation(pieces, cancelled=cancelled, on_close=on_close)
