@@ -3,17 +3,16 @@
 from typing import Any
 
 from edgellm.federation.mirror import mirror_of, plan
+from tests.builders import peer_body
 
 
 def _peer(name: str, cpu: int = 1, heartbeat: str = "2026-01-01T00:00:00+00:00") -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "labels": {"team": "a"}, "resourceVersion": "1"},
-        "spec": {"cluster": "edge-1", "resources": {"cpu": cpu}},
-        "status": {
-            "conditions": [{"type": "Ready", "status": "True"}],
-            "lastHeartbeatTime": heartbeat,
-        },
-    }
+    return peer_body(
+        name,
+        metadata={"labels": {"team": "a"}},
+        status={"lastHeartbeatTime": heartbeat},
+        resources={"cpu": cpu, "memory": "1Gi"},
+    )
 
 
 def _remote(peer: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +38,7 @@ def test_an_identical_mirror_needs_nothing() -> None:
 def test_a_changed_spec_is_replaced_at_the_mirrors_resource_version() -> None:
     result = plan([_peer("a", cpu=4)], [_remote(_peer("a"))], "edge-1", 10)
     assert result.replace[0]["metadata"]["resourceVersion"] == "77"
-    assert result.replace[0]["spec"]["resources"] == {"cpu": 4}
+    assert result.replace[0]["spec"]["resources"] == {"cpu": 4, "memory": "1Gi"}
 
 
 def test_heartbeats_are_copied_only_once_they_drift_by_the_slack() -> None:

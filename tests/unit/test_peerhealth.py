@@ -5,27 +5,22 @@ from typing import Any
 
 from edgellm.api import PeerNode
 from edgellm.operator.peerhealth import assess
+from tests.builders import peer
 
 CREATED = datetime(2026, 1, 1, tzinfo=UTC)
 GRACE = timedelta(seconds=60)
 
 
 def _peer(heartbeat: datetime | None = None, **spec: Any) -> PeerNode:
-    status = {"lastHeartbeatTime": heartbeat.isoformat()} if heartbeat else {}
-    return PeerNode.model_validate(
-        {
-            "metadata": {"name": "p", "generation": 3},
-            "spec": {
-                "cluster": "edge-1",
-                "endpoint": "http://127.0.0.1:8600",
-                "roles": ["decode"],
-                "backends": ["llamacpp"],
-                "resources": {"cpu": 1, "memory": "1Gi"},
-                "heartbeatTTLSeconds": 30,
-                **spec,
-            },
-            "status": status,
-        }
+    return peer(
+        "p",
+        ready=None,
+        metadata={"generation": 3},
+        status={"lastHeartbeatTime": heartbeat.isoformat()} if heartbeat else {},
+        roles=["decode"],
+        resources={"cpu": 1, "memory": "1Gi"},
+        heartbeatTTLSeconds=30,
+        **spec,
     )
 
 

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from edgellm.api import InferenceRequestSpec, PeerNode, quantity_value
+from edgellm.api import InferenceRequestSpec, quantity_value
 from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import (
     Candidate,
@@ -17,45 +17,21 @@ from edgellm.scheduling import (
     schedule,
 )
 from edgellm.scheduling.disaggregation import decide_split
+from tests.builders import candidate
 
 REQUEST = InferenceRequestSpec.model_validate({"model": "tiny-random", "prompt": "hi"})
 
 
 def _candidate(
     name: str,
-    local: bool = True,
-    ready: bool = True,
     running: int = 0,
-    warm: bool = False,
     prefill_rate: float = 0.0,
-    **spec: Any,
+    labels: dict[str, str] | None = None,
+    **fields: Any,
 ) -> Candidate:
-    peer = PeerNode.model_validate(
-        {
-            "metadata": {"name": name, "labels": spec.pop("labels", {})},
-            "spec": {
-                "cluster": "edge-1",
-                "endpoint": "http://127.0.0.1:8600",
-                "roles": ["prefill", "decode"],
-                "backends": ["llamacpp"],
-                "resources": {"cpu": 4, "memory": "8Gi"},
-                "models": [{"name": "tiny-random"}],
-                **spec,
-            },
-            "status": {
-                "conditions": [
-                    {
-                        "type": "Ready",
-                        "status": "True" if ready else "False",
-                        "reason": "HeartbeatFresh" if ready else "HeartbeatExpired",
-                        "lastTransitionTime": "2026-01-01T00:00:00Z",
-                    }
-                ],
-                "load": {"runningRequests": running, "prefillTokensPerSecond": prefill_rate},
-            },
-        }
-    )
-    return Candidate(peer, local, session_warm=warm)
+    load = {"runningRequests": running, "prefillTokensPerSecond": prefill_rate}
+    metadata = {"labels": labels or {}}
+    return candidate(name, metadata=metadata, status={"load": load}, **fields)
 
 
 def test_the_least_loaded_ready_peer_holding_the_model_is_chosen() -> None:
