@@ -242,7 +242,7 @@ def test_kv_events_name_the_blocks_the_context_holds_as_vllm_would(
         context.socket(zmq.SUB) as sub,
     ):
         sub.connect(f"tcp://127.0.0.1:{port}")
-        sub.subscribe(b"kv-events")
+        sub.subscribe(b"")  # vLLM's default topic, as the worker's
 
         def stored(prompt: str) -> list[KVEvent]:
             """Generates until a batch arrives: a SUB misses what precedes its subscription."""

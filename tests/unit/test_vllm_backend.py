@@ -96,7 +96,7 @@ def test_kv_events_are_published_over_zmq_on_the_given_endpoint_and_topic() -> N
         "enable_kv_cache_events": True,
         "publisher": "zmq",
         "endpoint": "tcp://*:6001",
-        "topic": "kv-events",
+        "topic": "",
     }
 
 

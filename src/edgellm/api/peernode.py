@@ -98,8 +98,8 @@ class KVEventsSource(Model):
 
     endpoint: str = Field(pattern=r"^tcp://\S+:[0-9]+$", max_length=512)
     """The address subscribers connect to, such as tcp://192.168.1.20:5557."""
-    topic: str = Field(default="kv-events", max_length=253)
-    """The topic of the events."""
+    topic: str = Field(default="", max_length=253)
+    """The topic of the events; vLLM's default is the empty topic."""
 
 
 class RPCServer(Model):

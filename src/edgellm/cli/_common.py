@@ -28,7 +28,9 @@ KubeconfigOption = Annotated[
 ]
 ContextOption = Annotated[str | None, typer.Option(help="Context of the kubeconfig to use.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")]
-KVEventsTopicOption = Annotated[str, typer.Option(help="Topic of the KV events.")]
+KVEventsTopicOption = Annotated[
+    str, typer.Option(help="Topic of the KV events; empty by default, as vLLM's.")
+]
 SchedulerProfileOption = Annotated[
     Path | None,
     typer.Option(

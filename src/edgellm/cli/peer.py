@@ -23,6 +23,7 @@ from edgellm.cli._common import (
     one_line_errors,
 )
 from edgellm.federation.membership import local_cluster_name
+from edgellm.kvcache import DEFAULT_TOPIC
 from edgellm.worker import hardware
 from edgellm.worker.registration import heartbeat_until, register
 from edgellm.worker.registration import leave as drain_and_leave
@@ -66,7 +67,7 @@ def join(
             " as the worker's --kv-events binds it)."
         ),
     ] = None,
-    kv_events_topic: KVEventsTopicOption = "kv-events",
+    kv_events_topic: KVEventsTopicOption = DEFAULT_TOPIC,
     rpc_server: Annotated[
         str | None,
         typer.Option(

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from edgellm.api._common import QUANTITY_PATTERN, quantity_value
 from edgellm.cli._common import KVEventsTopicOption, VerboseOption, configure_logging
-from edgellm.kvcache import DEFAULT_BLOCK_SIZE
+from edgellm.kvcache import DEFAULT_BLOCK_SIZE, DEFAULT_TOPIC
 from edgellm.kvcache.blockstore import KVBlockStore
 from edgellm.kvcache.ipfs import KuboClient
 from edgellm.worker import rpc
@@ -51,7 +51,7 @@ def run_worker(
             " off by default."
         ),
     ] = None,
-    kv_events_topic: KVEventsTopicOption = "kv-events",
+    kv_events_topic: KVEventsTopicOption = DEFAULT_TOPIC,
     hash_seed: Annotated[
         str,
         typer.Option(

@@ -3,6 +3,7 @@ KV event schema, so llama.cpp and vLLM workers feed one KV index. Imports only `
 """
 
 from edgellm.kvcache.events import (
+    DEFAULT_TOPIC,
     MEDIUM_CPU,
     MEDIUM_GPU,
     MEDIUM_IPFS,
@@ -29,6 +30,7 @@ from edgellm.kvcache.hashing import (
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_TOPIC",
     "MEDIUM_CPU",
     "MEDIUM_GPU",
     "MEDIUM_IPFS",

@@ -24,6 +24,11 @@ MEDIUM_CPU = "CPU"  # vLLM's CPU tier (its offloading connector); llama.cpp hold
 # Not vLLM's: a peer's IPFS store holds the blocks (edgellm.worker.ipfskv), to load, not use.
 MEDIUM_IPFS = "IPFS"
 
+# The topic of every frame, vLLM's default (KVEventsConfig.topic): stock consumers subscribe to
+# it, and some take only frames whose topic is exactly theirs (vllm-router 0.1.17's static KV
+# event sources, which always subscribe to this one).
+DEFAULT_TOPIC = ""
+
 # A block's hash on the wire: an int (see hashing.external_hash), or the raw digest from a vLLM
 # worker run with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0.
 WireHash = int | bytes

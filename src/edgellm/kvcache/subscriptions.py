@@ -16,7 +16,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from edgellm.kvcache import EventDecodeError, decode_batch
+from edgellm.kvcache import DEFAULT_TOPIC, EventDecodeError, decode_batch
 from edgellm.kvcache.index import KVIndex
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class KVSubscriptions:
     def update(self, peer: str, spec: dict[str, Any] | None) -> None:
         """Follows a peer's spec.kvEvents; None when the peer is gone."""
         source = (spec or {}).get("kvEvents")
-        wanted = (source["endpoint"], source.get("topic", "kv-events")) if source else None
+        wanted = (source["endpoint"], source.get("topic", DEFAULT_TOPIC)) if source else None
         current = self._subscribed.get(peer)
         if current is not None and current[:2] == wanted:
             return

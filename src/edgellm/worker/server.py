@@ -95,6 +95,11 @@ async def health(request: Request) -> dict[str, Any]:
     }
 
 
+async def alive(request: Request) -> Response:
+    """vLLM's `/health`: 200 while the server serves (routers made for vLLM wait on it)."""
+    return Response(status_code=200)
+
+
 async def export_metrics(request: Request) -> Response:
     registry = _serving(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -366,6 +371,7 @@ def create_app(backend: Backend, model: str, *, metrics: WorkerMetrics | None = 
     app = FastAPI(title="EdgeLLM worker", lifespan=lifespan, exception_handlers=exception_handlers)
     app.state.worker = serving
     app.add_api_route("/healthz", health, methods=["GET"])
+    app.add_api_route("/health", alive, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", export_metrics, methods=["GET"], response_model=None)
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/tokenize", tokenize, methods=["POST"])

@@ -75,7 +75,7 @@ from jinja2 import Template  # chat templates, as the llama.cpp backend renders 
 from pydantic import ConfigDict, Field, model_validator
 
 from edgellm.api._common import Model
-from edgellm.kvcache import DEFAULT_BLOCK_SIZE
+from edgellm.kvcache import DEFAULT_BLOCK_SIZE, DEFAULT_TOPIC
 from edgellm.worker.backend import (
     Generation,
     GenerationJob,
@@ -143,7 +143,7 @@ class KvEvents(Model):
     """Publish events; the scheduler routes by them, so only tests turn this off."""
     endpoint: str = Field(default="tcp://*:5557", min_length=1)
     """The ZMQ PUB socket vLLM binds."""
-    topic: str = "kv-events"
+    topic: str = DEFAULT_TOPIC
     """The topic of every published frame."""
     replay_endpoint: str | None = None
     """A ZMQ ROUTER socket from which a subscriber that missed events can ask for them again."""

@@ -9,6 +9,7 @@ it, and a stock `vllm serve` (or `llama-server`) can stand where an EdgeLLM work
 | `POST /v1/chat/completions` | OpenAI | `ChatCompletionRequest` -> `Answer`, or `Chunk` events |
 | `GET /v1/models` | OpenAI | `ModelList`, each card with vLLM's `max_model_len` |
 | `POST /tokenize` | vLLM | `TokenizeRequest` -> `TokenizeResponse` |
+| `GET /health` | vLLM | 200 while it serves |
 | `DELETE /v1/requests/{request_id}` | EdgeLLM | stops a generation at its next token |
 | `POST /v1/prefill` | EdgeLLM | a completion or chat body -> `PrefillResponse` |
 | `GET /v1/kv/{request_id}` | EdgeLLM | the KV state that prefill kept, once |
