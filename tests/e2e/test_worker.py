@@ -179,10 +179,10 @@ def test_a_cancelled_generation_stops_early(slow_worker: str) -> None:
         ("/v1/completions", {}, "prompt: Field required"),
         ("/v1/chat/completions", {"messages": []}, "messages: List should have at least 1 item"),
         ("/v1/completions", {"prompt": "x", "temperature": 9}, "less than or equal to 2"),
-        ("/v1/completions", {"prompt": "x", "promt": "typo"}, "promt"),
+        ("/v1/completions", {"promt": "typo"}, "prompt: Field required"),
         ("/v1/completions", {"prompt": "x", "split": {"context": 512}}, "split.leader_layers"),
     ],
-    ids=["too-long", "no-prompt", "no-messages", "temperature", "unknown-field", "bad-split"],
+    ids=["too-long", "no-prompt", "no-messages", "temperature", "misspelled", "bad-split"],
 )
 def test_bad_requests_get_an_openai_style_error(
     worker: str, path: str, body: dict[str, object], message: str
@@ -191,6 +191,14 @@ def test_bad_requests_get_an_openai_style_error(
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert message in response.json()["error"]["message"]
+
+
+def test_fields_a_worker_does_not_know_are_ignored_as_vllm_ignores_them(worker: str) -> None:
+    # vllm-router, for one, sends fields of its own (SGLang's no_stop_trim).
+    body = {"model": "tiny-random", "prompt": "x", "max_tokens": 2, "no_stop_trim": False}
+    answer = httpx.post(f"{worker}/v1/completions", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 2
 
 
 def test_a_split_plan_is_refused_by_a_worker_serving_its_model_whole(worker: str) -> None:

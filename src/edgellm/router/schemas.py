@@ -1,14 +1,12 @@
-"""OpenAI's API as the router takes it: the worker protocol's request bodies, read leniently,
-with EdgeLLM's `disaggregation`, and what they become, an `InferenceRequestSpec`, so that the
-router's scheduler sees exactly what an InferenceRequest would say.
+"""OpenAI's API as the router takes it: the worker protocol's request bodies with EdgeLLM's
+`disaggregation`, and what they become, an `InferenceRequestSpec`, so that the router's
+scheduler sees exactly what an InferenceRequest would say.
 
 Unknown fields pass, as in vLLM's server: clients of newer API versions send fields this
-router does not know (a worker, like OpenAI, refuses them). Features EdgeLLM cannot honour
-(several choices, log probabilities, tools, echo) are refused with a 400 naming the parameter,
-never silently ignored: the protocol's models check them.
+router does not know. Features EdgeLLM cannot honour (several choices, log probabilities, tools,
+echo) are refused with a 400 naming the parameter, never silently ignored: the protocol's
+models check them.
 """
-
-from pydantic import ConfigDict
 
 from edgellm.api import InferenceRequestSpec
 from edgellm.api.inferencerequest import Disaggregation, Placement
@@ -16,8 +14,6 @@ from edgellm.workerapi import protocol
 
 
 class CompletionRequest(protocol.CompletionRequest):
-    model_config = ConfigDict(extra="ignore")
-
     disaggregation: Disaggregation = "auto"
     """EdgeLLM's: split prefill and decode over two peers."""
 
@@ -31,8 +27,6 @@ class CompletionRequest(protocol.CompletionRequest):
 
 
 class ChatCompletionRequest(protocol.ChatCompletionRequest):
-    model_config = ConfigDict(extra="ignore")
-
     disaggregation: Disaggregation = "auto"
     """EdgeLLM's: split prefill and decode over two peers."""
 

@@ -9,6 +9,7 @@ globals); the routes are functions of this module that read it, and errors are a
 worker` serves it with uvicorn. The routes know backends only through `backend.Backend`.
 """
 
+import logging
 import threading
 import time
 import uuid
@@ -58,6 +59,8 @@ from edgellm.workerapi.protocol import (
     invalid_request,
     sse,
 )
+
+logger = logging.getLogger(__name__)
 
 # EdgeLLM's finish reasons as a worker answers them: vLLM's words.
 _WIRE_FINISH = {"stop": "stop", "length": "length", "cancelled": "abort"}
@@ -222,6 +225,8 @@ async def _generate(serving: Serving, body: GenerationRequest, prompt: str) -> R
     """Starts the generation, and answers it whole or streamed once its first piece is there;
     errors before then are HTTP errors, after it error events."""
     request_id = body.request_id or uuid.uuid4().hex
+    if body.model_extra:  # as vLLM's server: named, then ignored
+        logger.warning("request %s: ignoring %s", request_id, ", ".join(sorted(body.model_extra)))
     usage, cancelled = Usage(), threading.Event()
     started = time.monotonic()
 

@@ -24,10 +24,13 @@ already generated), and `kv_transfer_params`. EdgeLLM's extensions are extra fie
 adds `kv_transfer_params`: `kv_from` and `split` on requests, `kv_transfer` on the last chunk
 and whole answers, `lost_stages` on errors. Errors are OpenAI's body.
 
-Request models refuse fields they do not know, as OpenAI's API does (the router reads the same
-models leniently, as vLLM's server does); response models ignore them, as clients of newer
-servers must. Callers: the worker's server (`edgellm.worker.server`), the
-`WorkerClient`, the attempt loop, and the router, which answers its own clients in these shapes.
+Unknown fields are kept aside and ignored, as vLLM's server does (`model_extra`; the worker logs
+them): routers made for vLLM send fields of their own (vllm-router's `no_stop_trim`), and clients
+of newer servers read fields they do not know. What EdgeLLM cannot honour (several choices, log
+probabilities, tools, echo) is refused by name, never ignored.
+
+Callers: the worker's server (`edgellm.worker.server`), the `WorkerClient`, the attempt loop,
+and the router, which answers its own clients in these shapes.
 """
 
 import json
@@ -56,9 +59,9 @@ def sse(event: BaseModel | dict[str, Any]) -> str:
 
 
 class _Request(BaseModel):
-    """What a worker accepts: unknown fields are refused, as OpenAI refuses them."""
+    """What a worker accepts: unknown fields are kept aside (`model_extra`) and ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
 
 class _Response(BaseModel):
@@ -68,10 +71,6 @@ class _Response(BaseModel):
 
 
 # --- requests ------------------------------------------------------------------------------
-
-
-# Messages and options are read leniently (a message's `name`, say, is ignored), at the worker as
-# at the router; the request around them is strict at the worker.
 
 
 class TextPart(_Response):
