@@ -1,5 +1,6 @@
 """Placement: filters say why a peer cannot serve, scorers rank the rest, the picker repeats."""
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -9,14 +10,17 @@ from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import (
     Candidate,
     Decision,
+    Profile,
     ProfileConfig,
     Unschedulable,
+    WeightedScorer,
     configured_profile,
     default_profile,
     registry,
     schedule,
 )
 from edgellm.scheduling.disaggregation import decide_split
+from edgellm.scheduling.plugins import LeastLoaded, MaxScore
 from tests.builders import candidate
 
 REQUEST = InferenceRequestSpec.model_validate({"model": "tiny-random", "prompt": "hi"})
@@ -27,9 +31,14 @@ def _candidate(
     running: int = 0,
     prefill_rate: float = 0.0,
     labels: dict[str, str] | None = None,
+    status_queue: int = 0,
     **fields: Any,
 ) -> Candidate:
-    load = {"runningRequests": running, "prefillTokensPerSecond": prefill_rate}
+    load = {
+        "runningRequests": running,
+        "queuedRequests": status_queue,
+        "prefillTokensPerSecond": prefill_rate,
+    }
     metadata = {"labels": labels or {}}
     return candidate(name, metadata=metadata, status={"load": load}, **fields)
 
@@ -231,3 +240,52 @@ def test_requests_the_scheduler_has_just_sent_count_before_any_heartbeat() -> No
     decision = schedule(REQUEST, peers, default_profile())
     assert isinstance(decision, Decision)
     assert decision.peer.name == "b"
+
+
+def test_a_plugins_parameters_come_from_the_profile() -> None:
+    config = ProfileConfig.model_validate({"parameters": {"has-room": {"max_queued": 2}}})
+    profile = configured_profile(config)
+    has_room = next(f for f in profile.filters if f.name == "has-room")
+    busy = _candidate("busy", status_queue=2)
+    assert has_room.reason(REQUEST, busy) == "has 2 requests queued"
+    assert default_profile().filters[2].reason(REQUEST, busy) is None, "16 by default"
+
+
+def test_unknown_plugin_parameters_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="'has-room' has no parameter max_queue; it takes"):
+        configured_profile(ProfileConfig(parameters={"has-room": {"max_queue": 2}}))
+    with pytest.raises(ValueError, match="parameters for unknown plugins: nope"):
+        configured_profile(ProfileConfig(parameters={"nope": {}}))
+
+
+@dataclass(frozen=True)
+class _Loud:
+    """A scorer that overshoots [0, 1], as a buggy plugin could."""
+
+    name: str = "loud"
+
+    def score(self, request: InferenceRequestSpec, candidate: Candidate) -> float:
+        return 50.0 if candidate.name == "loud" else -3.0
+
+
+def test_scores_count_within_zero_and_one_whatever_a_scorer_returns() -> None:
+    profile = Profile(
+        filters=[],
+        scorers=[WeightedScorer(_Loud(), 1.0), WeightedScorer(LeastLoaded(), 2.0)],
+        picker=MaxScore(),
+    )
+    decision = schedule(REQUEST, [_candidate("loud", running=3), _candidate("idle")], profile)
+    assert isinstance(decision, Decision)
+    # Clamped, "loud" scores 1 + 2 x 1/4; "idle" 0 + 2 x 1: the load decides.
+    assert decision.peer.name == "idle"
+    assert decision.score == pytest.approx(2.0)
+
+
+def test_only_a_peer_too_small_for_the_model_leaves_room_for_a_split() -> None:
+    big = [{"name": "tiny-random", "sizeBytes": 2**40}]
+    small = schedule(REQUEST, [_candidate("small", models=big)], default_profile())
+    down = schedule(REQUEST, [_candidate("down", ready=False)], default_profile())
+    assert isinstance(small, Unschedulable)
+    assert isinstance(down, Unschedulable)
+    assert small.memory_short
+    assert not down.memory_short

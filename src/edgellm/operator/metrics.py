@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from edgellm.scheduling import PLUGIN_BUCKETS
+
 _SCHEDULING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5)
 
 
@@ -81,5 +83,12 @@ class OperatorMetrics:
             "edgellm_operator_scheduling_duration_seconds",
             "Time to choose an InferenceRequest's peer (and a prefill peer to split with).",
             buckets=_SCHEDULING_BUCKETS,
+            registry=self.registry,
+        )
+        self.scheduling_plugin_duration = Histogram(
+            "edgellm_operator_scheduling_plugin_duration_seconds",
+            "Time each scheduling plugin took over every candidate peer, by plugin.",
+            ["plugin"],
+            buckets=PLUGIN_BUCKETS,
             registry=self.registry,
         )

@@ -261,6 +261,8 @@ class RequestRunner:
         that splits its layers across peers."""
         placed = place(spec, candidates, self.profile, tokens, excluded)
         if isinstance(placed, Decision):
+            for plugin, seconds in placed.plugin_seconds.items():
+                self.metrics.scheduling_plugin_duration.labels(plugin).observe(seconds)
             return placed, None
         if isinstance(placed, LayerPlan):
             return Decision(placed.leader, 0.0), placed

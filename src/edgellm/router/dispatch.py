@@ -177,6 +177,8 @@ class Dispatcher:
         tokens = estimated_tokens(job, keys.tokens)
         placed = place(job.spec, candidates, self.profile, tokens, excluded | self.peers.failing())
         if isinstance(placed, Decision):
+            for plugin, seconds in placed.plugin_seconds.items():
+                self.metrics.plugin_seconds.labels(plugin).observe(seconds)
             return placed, None
         if isinstance(placed, LayerPlan):
             return Decision(placed.leader, 0.0), placed

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from edgellm.scheduling import PLUGIN_BUCKETS
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ROUTING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
@@ -48,6 +50,13 @@ class RouterMetrics:
             "edgellm_router_routing_duration_seconds",
             "Time to choose a worker: prompt lookup and scheduling plugins.",
             buckets=_ROUTING_BUCKETS,
+            registry=registry,
+        )
+        self.plugin_seconds = Histogram(
+            "edgellm_router_scheduling_plugin_duration_seconds",
+            "Time each scheduling plugin took over every candidate peer, by plugin.",
+            ["plugin"],
+            buckets=PLUGIN_BUCKETS,
             registry=registry,
         )
         self.prompt_tokens = Counter(

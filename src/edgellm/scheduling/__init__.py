@@ -4,9 +4,11 @@ One implementation serves the operator and the router. Imports only `edgellm.api
 """
 
 from edgellm.scheduling.framework import (
+    PLUGIN_BUCKETS,
     Candidate,
     Decision,
     Filter,
+    MemoryShortfall,
     Picker,
     Profile,
     Scorer,
@@ -22,9 +24,11 @@ from edgellm.scheduling.plugins import (
 )
 
 __all__ = [
+    "PLUGIN_BUCKETS",
     "Candidate",
     "Decision",
     "Filter",
+    "MemoryShortfall",
     "Picker",
     "Profile",
     "ProfileConfig",

@@ -2,7 +2,9 @@
 
 `schedule` is a pure function of its inputs (the request, snapshots of the peers, a profile), so
 the operator and the router call the same code and tests need no cluster. Each plugin's latency
-is recorded, because routing overhead must stay visible.
+is recorded (`Decision.plugin_seconds`, which the operator and the router export as a histogram
+by plugin), because routing overhead must stay visible. A scorer's score counts within [0, 1],
+whatever it returns, so that the weights alone say what matters most.
 """
 
 import time
@@ -28,13 +30,24 @@ class Candidate:
         return self.peer.metadata.name
 
 
+PLUGIN_BUCKETS = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05)
+"""Seconds one plugin takes over every candidate: microseconds for a few peers, milliseconds
+for a thousand; the histogram buckets of the operator's and the router's plugin timings."""
+
+
+class MemoryShortfall(str):
+    """A filter's reason that the peer's memory cannot hold the model: the one refusal that a
+    split of the model's layers across peers can overcome (`layersplit.place`)."""
+
+
 @runtime_checkable  # so a profile written as configuration can be checked
 class Filter(Protocol):
     @property
     def name(self) -> str: ...
 
     def reason(self, request: InferenceRequestSpec, candidate: Candidate) -> str | None:
-        """Why the candidate cannot serve the request, or None when it can."""
+        """Why the candidate cannot serve the request, or None when it can; a
+        `MemoryShortfall` when only its memory is too small."""
 
 
 @runtime_checkable
@@ -83,6 +96,11 @@ class Unschedulable:
     reasons: dict[str, int]
 
     @property
+    def memory_short(self) -> bool:
+        """Whether some peers were refused only for want of memory for the model."""
+        return any(isinstance(why, MemoryShortfall) for why in self.reasons)
+
+    @property
     def message(self) -> str:
         if not self.reasons:
             return "no peer is known in this federation"
@@ -120,7 +138,7 @@ def schedule(
         started = time.perf_counter()
         score, weight = weighted.scorer.score, weighted.weight
         for index, candidate in enumerate(feasible):
-            totals[index] += weight * score(request, candidate)
+            totals[index] += weight * min(max(score(request, candidate), 0.0), 1.0)
         name = weighted.scorer.name
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
     scored = list(zip(feasible, totals, strict=True))

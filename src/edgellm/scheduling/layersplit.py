@@ -33,7 +33,6 @@ from edgellm.scheduling.framework import (
     schedule,
 )
 from edgellm.scheduling.plugins import (
-    CANNOT_HOLD,
     Decodes,
     Healthy,
     InClusters,
@@ -100,9 +99,7 @@ def place(
     """One peer when one can take the request; when peers hold the model but none has the
     memory for it, a split of its layers across peers; otherwise why neither."""
     single = schedule(request, candidates, profile, excluded)
-    if isinstance(single, Decision) or not any(
-        why.startswith(CANNOT_HOLD) for why in single.reasons
-    ):
+    if isinstance(single, Decision) or not single.memory_short:
         return single
     split = plan_layer_split(request, candidates, prompt_tokens, excluded)
     if isinstance(split, CannotSplit):

@@ -6,8 +6,8 @@
 
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,14 +21,12 @@ from edgellm.api import (
 from edgellm.scheduling.framework import (
     Candidate,
     Filter,
+    MemoryShortfall,
     Picker,
     Profile,
     Scorer,
     WeightedScorer,
 )
-
-CANNOT_HOLD = "cannot hold"
-"""How `HasRoom` begins its reason: a peer too small for the model, which a split may solve."""
 
 
 def peer_memory(spec: PeerNodeSpec) -> float:
@@ -84,7 +82,8 @@ class HasRoom:
         size = next((m.size_bytes for m in spec.models if m.name == request.model), None)
         memory = peer_memory(spec)
         if size is not None and size > memory:
-            return f"{CANNOT_HOLD} {size / 2**30:.1f} GiB of weights in {memory / 2**30:.1f} GiB"
+            why = f"cannot hold {size / 2**30:.1f} GiB of weights in {memory / 2**30:.1f} GiB"
+            return MemoryShortfall(why)
         return None
 
 
@@ -265,30 +264,51 @@ class ProfileConfig(BaseModel):
     scorers: dict[str, float] | None = Field(default=None)
     """Scorer name -> weight (>= 0)."""
     picker: str | None = None
+    parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Plugin name -> its parameters, such as `has-room: {max_queued: 8}`."""
 
 
 def configured_profile(config: ProfileConfig) -> Profile:
-    """The default profile with the configured parts; ValueError names an unknown plugin."""
+    """The default profile with the configured parts and plugin parameters; ValueError names
+    an unknown plugin or parameter."""
     plugins = registry()
-    default = default_profile()
+    if unknown := sorted(config.parameters.keys() - plugins.keys()):
+        raise ValueError(f"parameters for unknown plugins: {', '.join(unknown)}")
 
     def plugin(name: str, role: type[Any]) -> Any:
-        made = plugins[name]() if name in plugins else None
-        if not isinstance(made, role):
+        factory = plugins.get(name)
+        if factory is None or not isinstance(factory(), role):
             known = sorted(n for n, f in plugins.items() if isinstance(f(), role))
             raise ValueError(
                 f"{name!r} is not a {role.__name__.lower()}; known: {', '.join(known)}"
             )
-        return made
+        return _configured(name, factory, config.parameters.get(name, {}))
 
-    filters = default.filters
+    filters = [plugin(f.name, Filter) for f in default_profile().filters]
     if config.filters is not None:
         filters = [plugin(name, Filter) for name in config.filters]
-    scorers = default.scorers
+    weights = {w.scorer.name: w.weight for w in default_profile().scorers}
     if config.scorers is not None:
         for name, weight in config.scorers.items():
             if weight < 0:
                 raise ValueError(f"the weight of {name!r} is negative")
-        scorers = [WeightedScorer(plugin(n, Scorer), w) for n, w in config.scorers.items()]
-    picker = default.picker if config.picker is None else plugin(config.picker, Picker)
+        weights = config.scorers
+    scorers = [WeightedScorer(plugin(n, Scorer), w) for n, w in weights.items()]
+    picker = plugin(config.picker or default_profile().picker.name, Picker)
     return Profile(filters=filters, scorers=scorers, picker=picker)
+
+
+def _configured(
+    name: str, factory: Callable[..., Filter | Scorer | Picker], parameters: dict[str, Any]
+) -> Filter | Scorer | Picker:
+    """The plugin made with `parameters`, which must be fields of its dataclass (not its
+    name, which the registry gives it)."""
+    accepted = {
+        f.name
+        for f in fields(cast(Any, factory))
+        if f.init and f.name != "name" and not f.name.startswith("_")
+    }
+    if unknown := sorted(parameters.keys() - accepted):
+        known = ", ".join(sorted(accepted)) or "none"
+        raise ValueError(f"{name!r} has no parameter {', '.join(unknown)}; it takes: {known}")
+    return factory(**parameters)
