@@ -69,12 +69,24 @@ class Processes:
     running: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """`edgellm` with `args`."""
+        return self.run(name, [sys.executable, "-m", "edgellm", *args])
+
+    def run(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Any program, its output in the workdir's `<name>.log`."""
         with (self.workdir / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "edgellm", *args], stdout=log, stderr=subprocess.STDOUT
-            )
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         self.running.append((name, process))
         return process
+
+    def serves(self, url: str, health: str = "/healthz") -> bool:
+        """Whether the server at `url` answers its `health` path; raises if a process has
+        exited."""
+        self.check()
+        try:
+            return httpx.get(f"{url}{health}", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def check(self) -> None:
         for name, process in self.running:
@@ -82,12 +94,8 @@ class Processes:
                 raise BenchmarkError(f"{name} exited with {process.returncode}: {self.tail(name)}")
 
     def answer(self, url: str) -> bool:
-        """Whether the server at `url` answers its /healthz; raises if a process has exited."""
-        self.check()
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        """Whether the EdgeLLM server at `url` answers its /healthz."""
+        return self.serves(url)
 
     def tail(self, name: str, lines: int = 15) -> str:
         text = (self.workdir / f"{name}.log").read_text(errors="replace")

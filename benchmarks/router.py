@@ -2,7 +2,10 @@
 workload over real llama.cpp workers, the latency the router adds, and the KV index's size.
 
 1. Policies: `--workers` real `edgellm worker`s serving the generated bench model (the medium
-   one) with KV events, and for each policy in turn an `edgellm router --peers-file` over them.
+   one) with KV events, and for each policy in turn an `edgellm router --peers-file` over them;
+   with `--vllm-router`, then the vLLM project's own router (pinned, installed by
+   `tests/vllm_router.py`) with its `kv_aware` policy (by the workers' KV events) and its
+   `cache_aware` one (by text), over the same workers.
    The workload: `--groups` long system prompts (a team's shared instructions), `--users` per
    group, each holding a `--turns`-turn conversation (the answer goes back into the next turn),
    all users at once. Every phase uses new system prompts, so no phase profits from the one
@@ -32,8 +35,8 @@ import statistics
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,7 +46,7 @@ import httpx
 import openai
 import yaml
 from openai.types.chat import ChatCompletionMessageParam
-from tests import builders
+from tests import builders, vllm_router
 
 from benchmarks.common import Processes, say, summary, until
 from edgellm.api import InferenceRequestSpec
@@ -77,6 +80,9 @@ class Size:
     index_workers: int
     index_blocks: int
 
+
+STOCK_POLICIES = ("kv_aware", "cache_aware")
+"""vllm-router's policies: by the workers' KV events, and by the text it routed where."""
 
 FULL = Size(4, 4, 3, 4, 1200, 16, 4, (50.0, 100.0, 200.0), 5.0, 1000, 1000)
 SMOKE = Size(4, 4, 2, 2, 300, 8, 2, (20.0, 50.0), 2.0, 100, 100)
@@ -120,6 +126,38 @@ def workers(processes: Processes, model: Path, count: int, prefix: str) -> Itera
         warm = {"model": model.stem, "prompt": "warm up", "max_tokens": 4}
         httpx.post(f"{worker.url}/v1/completions", json=warm, timeout=120).raise_for_status()
     yield started
+
+
+@contextmanager
+def stock_router(
+    processes: Processes,
+    binary: Path,
+    workers: list[Worker],
+    policy: str,
+    lookups: dict[str, float],
+) -> Iterator[str]:
+    """vllm-router with `policy` over the workers (`kv_aware`: following their KV events); when
+    the phase is over, `lookups` gets its KV placement lookups by result."""
+    port, metrics_port = free_port(), free_port()
+    name = f"vllm-router-{policy}-{port}"
+    argv = vllm_router.command(
+        binary,
+        port=port,
+        metrics_port=metrics_port,
+        workers=[(w.url, w.kv_events) for w in workers],
+        model=BENCH.name,
+        policy=policy,
+    )
+    process = processes.run(name, argv)
+    url = f"http://127.0.0.1:{port}"
+    until(partial(processes.serves, url, "/health"), 60, f"vllm-router {policy} is up")
+    try:
+        yield url
+        lookups.update(vllm_router.placements(f"http://127.0.0.1:{metrics_port}"))
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        processes.running.remove((name, process))
 
 
 @contextmanager
@@ -242,8 +280,14 @@ async def run_workload(url: str, size: Size, label: str, seed: int) -> tuple[lis
 
 
 def bench_policies(
-    processes: Processes, workdir: Path, size: Size, model: Path, policies: list[Policy]
+    processes: Processes,
+    workdir: Path,
+    size: Size,
+    model: Path,
+    policies: list[Policy],
+    stock: Path | None,
 ) -> dict[str, Any]:
+    """Each policy's figures; `stock`: vllm-router's command, whose policies follow ours."""
     tokenizer = GgufTokenizer(model)
     figures: dict[str, Any] = {}
     with workers(processes, model, size.workers, "bench") as started:
@@ -253,10 +297,22 @@ def bench_policies(
         with router(processes, workdir, peers, "round-robin") as url:
             say("warming the workers up with the workload, untimed")
             asyncio.run(run_workload(url, size, "warm-up", seed=-1))
-        for number, policy in enumerate(policies):
-            with router(
-                processes, workdir, peers, policy, f"--tokenizer={BENCH.name}={model}"
-            ) as url:
+        tokenized = f"--tokenizer={BENCH.name}={model}"
+        phases: list[tuple[str, Callable[[], AbstractContextManager[str]]]] = [
+            (policy, partial(router, processes, workdir, peers, policy, tokenized))
+            for policy in policies
+        ]
+        lookups: dict[str, dict[str, float]] = {}
+        if stock is not None:
+            phases += [
+                (
+                    f"vllm-router {p}",
+                    partial(stock_router, processes, stock, started, p, lookups.setdefault(p, {})),
+                )
+                for p in STOCK_POLICIES
+            ]
+        for number, (policy, serving) in enumerate(phases):
+            with serving() as url:
                 say(f"policy {policy}: {size.groups * size.users} conversations")
                 turns, wall = asyncio.run(run_workload(url, size, policy, seed=number))
             prompt = sum(t.prompt_tokens for t in turns)
@@ -278,6 +334,8 @@ def bench_policies(
                 "hit_rate_of_oracle": round(cached / prompt / oracle, 3) if oracle else None,
                 "mean_prompt_tokens": round(prompt / len(turns)),
             }
+            if placed := lookups.get(policy.removeprefix("vllm-router ")):
+                figures[policy]["kv_placement_lookups"] = placed
             say(f"policy {policy}: {json.dumps(figures[policy])}")
     if not {"round-robin", "kv-aware"} <= figures.keys():
         return figures
@@ -406,14 +464,14 @@ def bench_index(size: Size) -> dict[str, Any]:
     }
 
 
-def run(size: Size, workdir: Path, policies: list[Policy]) -> dict[str, Any]:
+def run(size: Size, workdir: Path, policies: list[Policy], stock: Path | None) -> dict[str, Any]:
     processes = Processes(workdir)
     models = Path(tempfile.mkdtemp(prefix="models-", dir=workdir))
     try:
         bench = write_model(models / f"{BENCH.name}.gguf", BENCH, progress=say)
         tiny = write_model(models / f"{TINY.name}.gguf", TINY)
         result: dict[str, Any] = {"size": size.__dict__ | {"rates": list(size.rates)}}
-        result["policies"] = bench_policies(processes, workdir, size, bench, policies)
+        result["policies"] = bench_policies(processes, workdir, size, bench, policies, stock)
         result["added_latency"] = bench_overhead(processes, workdir, size, tiny)
         say("index")
         result["index"] = bench_index(size)
@@ -432,6 +490,12 @@ def main() -> None:
         default=",".join(POLICIES),
         help=f"which, in this order (default {','.join(POLICIES)})",
     )
+    parser.add_argument(
+        "--vllm-router",
+        action="store_true",
+        help=f"also measure vllm-router {vllm_router.VERSION}'s {' and '.join(STOCK_POLICIES)}"
+        " (installed from PyPI into its own venv the first time)",
+    )
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
     policies = [cast(Policy, p) for p in args.policies.split(",")]
@@ -439,7 +503,8 @@ def main() -> None:
         parser.error(f"unknown policies {sorted(unknown)}; known: {', '.join(POLICIES)}")
     size = SMOKE if args.smoke else FULL
     with tempfile.TemporaryDirectory(prefix="edgellm-router-bench-") as workdir:
-        result = run(size, Path(workdir), policies)
+        stock = vllm_router.install() if args.vllm_router else None
+        result = run(size, Path(workdir), policies, stock)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

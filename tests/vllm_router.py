@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 VERSION: Final = "0.1.17"
 
 
@@ -55,12 +58,29 @@ def command(
     model: str,
     policy: str,
 ) -> list[str]:
-    """vllm-router over `workers` (URL, KV-event endpoint), on loopback, with `policy`."""
+    """vllm-router over `workers` (URL, KV-event endpoint), on loopback, with `policy`; only
+    `kv_aware` follows the KV events (vllm-router refuses event sources for the others)."""
     sources = [f"--kv-event-source={url}={events}" for url, events in workers]
+    if policy != "kv_aware":
+        sources = []
     return [
         str(binary),
         *("--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(metrics_port)),
         *("--worker-urls", *(url for url, _ in workers)),
-        *("--policy", policy, *sources, "--kv-event-model", model),
+        *("--policy", policy, *sources),
+        *(("--kv-event-model", model) if sources else ()),
         *("--log-level", "debug"),
     ]
+
+
+def placements(metrics_url: str) -> dict[str, float]:
+    """vllm-router's `kv_aware` placement lookups so far by result ("hit", "miss",
+    "missing_tokens": no prompt tokens from the worker, ...), from its Prometheus endpoint."""
+    text = httpx.get(f"{metrics_url}/metrics", timeout=10).raise_for_status().text
+    return {
+        sample.labels["result"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "vllm_router_kv_placement_lookups"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }

@@ -52,12 +52,13 @@ def _healthy(url: str) -> bool:
 @pytest.fixture(scope="module")
 def router(
     binary: Path, workers: list[tuple[Worker, str]], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    port = free_port()
+) -> Iterator[tuple[str, str]]:
+    """vllm-router's URL and its metrics' URL."""
+    port, metrics_port = free_port(), free_port()
     argv = vllm_router.command(
         binary,
         port=port,
-        metrics_port=free_port(),
+        metrics_port=metrics_port,
         workers=[(worker.url, events) for worker, events in workers],
         model=TINY.name,
         policy="kv_aware",
@@ -68,7 +69,7 @@ def router(
     url = f"http://127.0.0.1:{port}"
     try:
         eventually(lambda: _healthy(url), 60, "vllm-router answers /health")
-        yield url
+        yield url, f"http://127.0.0.1:{metrics_port}"
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -92,8 +93,9 @@ def _published(events: zmq.Socket[bytes], blocks: int) -> bool:
 
 
 def test_kv_aware_sends_each_prompt_to_the_worker_that_holds_its_prefix(
-    router: str, workers: list[tuple[Worker, str]]
+    router: tuple[str, str], workers: list[tuple[Worker, str]]
 ) -> None:
+    url, metrics = router
     hits = []
     with zmq.Context() as context:
         for index in range(PREFIXES):
@@ -116,9 +118,11 @@ def test_kv_aware_sends_each_prompt_to_the_worker_that_holds_its_prefix(
 
                 eventually(warmed, 60, f"worker {index % WORKERS} publishes the prefix's blocks")
             body = {"model": TINY.name, "prompt": f"{prefix} a question", "max_tokens": 1}
-            answer = httpx.post(f"{router}/v1/completions", json=body, timeout=60).json()
+            answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
             # The prefix's blocks are held by that worker alone: a hit means it was chosen.
             hits.append(answer["usage"]["prompt_tokens_details"]["cached_tokens"] >= 6 * 16)
     # One miss is allowed for a race between the router's subscription and the request; a
     # router blind to the events would hit about one prompt in four.
     assert sum(hits) >= PREFIXES - 1, hits
+    # And it chose by the events, each prompt's tokens asked of the workers (`/tokenize`).
+    assert vllm_router.placements(metrics).get("hit", 0) >= PREFIXES - 1
