@@ -11,6 +11,7 @@ import zmq
 
 from edgellm.kvcache import (
     MEDIUM_CPU,
+    MEDIUM_GPU,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -241,7 +242,7 @@ def test_the_first_generation_stores_its_full_blocks() -> None:
         token_ids=tokens[:32],
         block_size=16,
         lora_id=None,
-        medium=MEDIUM_CPU,
+        medium=MEDIUM_GPU,
         lora_name=None,
         extra_keys=[None, None],
     )
@@ -273,7 +274,7 @@ def test_a_divergence_removes_the_tail_and_stores_the_new_one() -> None:
     before = tracker.blocks
     changed = [*_full(20), *_full(30, start=1000)]  # differs from the second block on
     removed, stored = tracker.update(changed)
-    assert removed == BlockRemoved(block_hashes=before[1:], medium=MEDIUM_CPU)
+    assert removed == BlockRemoved(block_hashes=before[1:], medium=MEDIUM_GPU)
     assert isinstance(stored, BlockStored)
     assert stored.parent_block_hash == before[0]
     assert stored.token_ids == changed[16:48]
@@ -284,7 +285,7 @@ def test_a_shorter_context_removes_only_the_blocks_it_lost() -> None:
     tracker = KVBlockTracker(SEED)
     tracker.update(_full(64))
     before = tracker.blocks
-    assert tracker.update(_full(40)) == [BlockRemoved(block_hashes=before[2:], medium=MEDIUM_CPU)]
+    assert tracker.update(_full(40)) == [BlockRemoved(block_hashes=before[2:], medium=MEDIUM_GPU)]
     assert tracker.blocks == before[:2]
 
 

@@ -19,8 +19,12 @@ from typing import Any
 
 import msgspec
 
+# vLLM's media name tiers, not chips: "GPU" is the engine's own KV pool, which attention reads
+# where it is (vLLM's BlockPool always says "GPU", on CPU platforms too), and so is a llama.cpp
+# context's KV in RAM; "CPU" is the tier vLLM offloads to (its offloading connector), which a
+# request can use only after a copy back, and which consumers credit less (vllm-router 0.8).
 MEDIUM_GPU = "GPU"
-MEDIUM_CPU = "CPU"  # vLLM's CPU tier (its offloading connector); llama.cpp holds KV here
+MEDIUM_CPU = "CPU"
 # Not vLLM's: a peer's IPFS store holds the blocks (edgellm.worker.ipfskv), to load, not use.
 MEDIUM_IPFS = "IPFS"
 

@@ -26,7 +26,7 @@ import zmq
 
 from edgellm.kvcache import (
     DEFAULT_BLOCK_SIZE,
-    MEDIUM_CPU,
+    MEDIUM_GPU,
     AllBlocksCleared,
     BlockHash,
     BlockRemoved,
@@ -51,11 +51,11 @@ class KVBlockTracker:
     """
 
     def __init__(
-        self, seed: str, block_size: int = DEFAULT_BLOCK_SIZE, medium: str = MEDIUM_CPU
+        self, seed: str, block_size: int = DEFAULT_BLOCK_SIZE, medium: str = MEDIUM_GPU
     ) -> None:
         """`seed` and `block_size` must be those of every worker feeding the same index (for a
-        vLLM worker: its PYTHONHASHSEED and --block-size); `medium` is where the KV lives, "GPU"
-        when llama.cpp offloads it.
+        vLLM worker: its PYTHONHASHSEED and --block-size); `medium` is the tier in vLLM's terms:
+        the context's KV is the engine's own pool, "GPU" whether it lives in RAM or VRAM.
         """
         if block_size < 1:
             raise ValueError(f"block_size must be positive, not {block_size}")
