@@ -16,7 +16,7 @@ import yaml
 
 from edgellm.dev.cluster import LocalCluster
 from edgellm.dev.tools import tool
-from tests.e2e.conftest import eventually, kubectl
+from tests.e2e.helpers import eventually, kubectl
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "edgellm"

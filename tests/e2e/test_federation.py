@@ -20,7 +20,7 @@ from edgellm.dev.federation import LocalFederation
 from edgellm.federation.membership import Endpoint, JoinToken, token_kubeconfig
 from edgellm.kube import api_client
 from edgellm.worker.models import BENCH, write_model
-from tests.e2e.conftest import OperatorProcess, edgellm, eventually, worker_process
+from tests.e2e.helpers import OperatorProcess, edgellm, eventually, worker_process
 
 SYNC = 60.0  # seconds within which mirrors must converge
 

@@ -41,7 +41,7 @@ from edgellm.worker.ipfskv import (
     read_announcement,
 )
 from edgellm.worker.models import TINY, WORDS, write_model
-from tests.e2e.conftest import eventually, worker_process
+from tests.e2e.helpers import eventually, worker_process
 
 T = TypeVar("T")
 GREEDY = {"model": "tiny-random", "max_tokens": 12, "temperature": 0, "ignore_eos": True}

@@ -10,7 +10,7 @@ import pytest
 
 from edgellm.dev.cluster import free_port
 from edgellm.worker.models import TINY, write_model
-from tests.e2e.conftest import worker_process
+from tests.e2e.helpers import worker_process
 
 PROMPT = "the federation shares blocks of the cache between home machines " * 12
 OTHER = "hello world"

@@ -24,7 +24,7 @@ from edgellm.kube import api_client
 from edgellm.scheduling.layersplit import layer_bytes, split_context
 from edgellm.worker.hardware import gguf_shape
 from edgellm.worker.models import BENCH, TINY, write_model
-from tests.e2e.conftest import (
+from tests.e2e.helpers import (
     OperatorProcess,
     eventually,
     joined_peer,

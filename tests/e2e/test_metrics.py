@@ -21,7 +21,7 @@ from edgellm.dev.federation import LocalFederation
 from edgellm.dev.tools import tool
 from edgellm.kube import api_client
 from edgellm.worker.models import TINY, write_model
-from tests.e2e.conftest import (
+from tests.e2e.helpers import (
     OperatorProcess,
     eventually,
     routed_peers,

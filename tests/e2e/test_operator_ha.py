@@ -24,7 +24,7 @@ from edgellm.dev.cluster import LocalCluster
 from edgellm.dev.federation import LocalFederation
 from edgellm.kube import api_client
 from edgellm.operator.leadership import PEERINGS
-from tests.e2e.conftest import (
+from tests.e2e.helpers import (
     OperatorProcess,
     create_fresh_peer,
     eventually,

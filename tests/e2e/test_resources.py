@@ -10,7 +10,7 @@ from kubernetes import client
 from edgellm.api import GROUP, VERSION
 from edgellm.dev.federation import LocalFederation
 from edgellm.kube import api_client
-from tests.e2e.conftest import kubectl, manifest
+from tests.e2e.helpers import kubectl, manifest
 
 PEER: dict[str, Any] = {
     "cluster": "edge-1",

@@ -18,7 +18,7 @@ from kubernetes import client
 from edgellm.dev.federation import LocalFederation
 from edgellm.kube import api_client
 from edgellm.worker.models import TINY, write_model
-from tests.e2e.conftest import (
+from tests.e2e.helpers import (
     OperatorProcess,
     ServingPeer,
     eventually,

@@ -15,7 +15,7 @@ from edgellm.dev.cluster import free_port
 from edgellm.kvcache import BlockStored, decode_batch
 from edgellm.worker.models import TINY, WORDS, write_model
 from tests import vllm_router
-from tests.e2e.conftest import Worker, eventually, worker_process
+from tests.e2e.helpers import Worker, eventually, worker_process
 
 WORKERS = 4
 PREFIXES = 2 * WORKERS

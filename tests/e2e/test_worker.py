@@ -23,7 +23,7 @@ from edgellm.kvcache import (
 )
 from edgellm.worker.llamacpp import LlamaCppBackend
 from edgellm.worker.models import BENCH, TINY, write_model
-from tests.e2e.conftest import worker_process
+from tests.e2e.helpers import worker_process
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Why pool home GPUs?"}]
 

@@ -20,7 +20,7 @@ from edgellm.dev.cluster import LocalCluster
 from edgellm.federation.rbac import OPERATOR_SERVICE_ACCOUNT, OPERATORS_GROUP
 from edgellm.kube import api_client
 from edgellm.operator.workerpools import POOL_LABEL
-from tests.e2e.conftest import OperatorProcess, create_fresh_peer, eventually, kubectl
+from tests.e2e.helpers import OperatorProcess, create_fresh_peer, eventually, kubectl
 
 NAMESPACE = "default"
 WAIT = 90.0
