@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # Within pyproject's range; built with llama.cpp's RPC backend by hack/llama-wheel.sh.
 LLAMA_CPP_PYTHON ?= 0.3.36
 
-.PHONY: setup tools demo down test lint crds bench bench-smoke clean
+.PHONY: setup tools demo down test test-isolation lint crds bench bench-smoke clean
 
 $(BIN)/.installed: pyproject.toml hack/llama-wheel.sh
 	python3 -m venv $(VENV)
@@ -28,6 +28,15 @@ down: setup  ## stop what `make demo` started
 
 test: setup tools  ## every check: lint, types, import layers, CRD drift, unit and e2e tests
 	PATH="$(CURDIR)/$(BIN):$$PATH" hack/test.sh
+
+test-isolation: setup tools  ## each e2e module alone, in order and reversed: no test leans on another's state
+	for module in tests/e2e/test_*.py; do \
+		for order in "" --reverse; do \
+			echo "== $$module $$order"; \
+			PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q -p no:cacheprovider $$order "$$module" \
+				|| exit 1; \
+		done; \
+	done
 
 lint: setup  ## the static checks alone
 	PATH="$(CURDIR)/$(BIN):$$PATH" hack/test.sh --lint-only

@@ -11,7 +11,8 @@ from kubernetes import client
 
 from edgellm.api import GROUP, VERSION
 from edgellm.dev.federation import LocalFederation
-from edgellm.kube import api_client
+from edgellm.kube import APIError, NotFoundError, api_client, objects
+from edgellm.kube.objects import INFERENCE_REQUESTS, PEER_NODES
 from edgellm.worker.models import TINY, write_model
 from tests.e2e.helpers import (
     OperatorProcess,
@@ -53,22 +54,12 @@ def remote_tiny_peer(
 
 
 def _get(joined: LocalFederation, plural: str, name: str) -> dict[str, Any] | None:
+    resource = PEER_NODES if plural == "peernodes" else INFERENCE_REQUESTS
     with api_client(joined.clusters[0].kubeconfig("admin")) as api:
-        objects = client.CustomObjectsApi(api)
         try:
-            if plural == "peernodes":
-                found: dict[str, Any] = objects.get_cluster_custom_object(
-                    GROUP, VERSION, plural, name
-                )
-            else:
-                found = objects.get_namespaced_custom_object(
-                    GROUP, VERSION, "default", plural, name
-                )
-        except client.ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-    return found
+            return objects.get(api, resource, name, None if plural == "peernodes" else "default")
+        except NotFoundError:
+            return None
 
 
 def _submit(joined: LocalFederation, name: str, **spec: Any) -> None:
@@ -87,9 +78,7 @@ def _submit(joined: LocalFederation, name: str, **spec: Any) -> None:
         },
     }
     with api_client(joined.clusters[0].kubeconfig("admin")) as api:
-        client.CustomObjectsApi(api).create_namespaced_custom_object(
-            GROUP, VERSION, "default", "inferencerequests", body
-        )
+        objects.create(api, INFERENCE_REQUESTS, body)
 
 
 def _finished(joined: LocalFederation, name: str) -> dict[str, Any]:
@@ -183,10 +172,10 @@ def test_a_bad_request_fails_saying_why_and_disturbs_nothing(
 
 
 def test_an_empty_prompt_is_refused_at_apply(joined: LocalFederation, tiny_peer: str) -> None:
-    with pytest.raises(client.ApiException) as refused:
+    with pytest.raises(APIError) as refused:
         _submit(joined, "empty-inline", messages=None, prompt="")
     assert refused.value.status == 422
-    assert "spec.prompt" in str(refused.value.body)
+    assert "spec.prompt" in str(refused.value)
 
 
 def test_a_large_output_goes_to_a_config_map_the_request_owns(
@@ -246,6 +235,11 @@ def _cluster(peer: str) -> str:
 
 
 def test_peers_report_their_workers_load(joined: LocalFederation, tiny_peer: str) -> None:
+    # The load is measured from generations: this test has the peer make one of its own.
+    placement = {"clusters": [_cluster(tiny_peer)]}
+    _submit(joined, "load-maker", placement=placement, sampling={"maxTokens": 16})
+    assert _finished(joined, "load-maker")["assignment"]["decodePeer"] == tiny_peer
+
     def measured() -> dict[str, Any] | None:
         load = ((_get(joined, "peernodes", tiny_peer) or {}).get("status") or {}).get("load", {})
         return load if load.get("tokensPerSecond", 0) > 0 else None
