@@ -8,8 +8,9 @@ it puts or gets up to a byte cap and unpins the least recently used first. Every
 is hashed again against its CID: blocks may come through paths nobody checked (a gateway, a
 proxy, a peer's daemon). A peer tells others about a chunk with an announcement "this token
 chain -> this manifest" signed with its Ed25519 key; receivers verify it against keys they trust.
-It is meant for the workers' LMCache plugin (not written yet); the e2e tests drive it against
-real daemons. It imports nothing of EdgeLLM outside `kvcache`.
+Its users: vLLM workers through LMCache's IPFS plugin (`kvcache.lmcache`), and llama.cpp
+workers saving and loading their KV (`worker.ipfskv`); the e2e tests drive it against real
+daemons. It imports nothing of EdgeLLM outside `kvcache`.
 
 Errors (the Kubo client's, `ipfs.IPFSError`, pass through):
 
