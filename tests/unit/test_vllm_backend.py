@@ -18,7 +18,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from edgellm.worker.backend import GenerationJob, Sampling, Usage, completion_request
+from edgellm.worker.backend import GenerationJob, Run, Sampling, Usage, completion_request
 from edgellm.worker.vllm import (
     IPFS_PLUGIN_CLASS,
     IPFS_PLUGIN_MODULE,
@@ -589,7 +589,7 @@ def test_a_headless_rank_is_started_once_it_outlives_the_grace(tmp_path: Path) -
                 await backend.tokenize("hi")
             job = GenerationJob("r", "hi", Sampling())
             with pytest.raises(HeadlessRankError, match="headless rank serves no requests"):
-                await backend.generate(job, Usage(), threading.Event(), lambda _: None)
+                await backend.generate(job, Run(Usage(), threading.Event(), lambda _: None))
         finally:
             await backend.stop()
 

@@ -111,6 +111,17 @@ class GenerationJob:
     kv_transfer_params: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class Run:
+    """What the server hands a backend with each generation besides the job: the counts to
+    fill in as it goes, the event that stops it at its next token, and who hears how it ended
+    (the finish reason, once it is closed)."""
+
+    usage: Usage
+    cancelled: threading.Event
+    on_close: Callable[[str], None]
+
+
 class Generation:
     """One generation while it runs: its pieces, and `close`, which stops it however the request
     ended (finished, cancelled, or its client gone mid-token).
@@ -126,14 +137,13 @@ class Generation:
     def __init__(
         self,
         pieces: Iterator[Piece] | AsyncGenerator[Piece, None],
+        run: Run,
         *,
-        cancelled: threading.Event,
-        on_close: Callable[[str], None],
         release: Callable[[], "asyncio.Future[Any] | None"] = lambda: None,
     ) -> None:
         self._pieces = pieces
-        self._cancelled = cancelled
-        self._on_close = on_close
+        self._cancelled = run.cancelled
+        self._on_close = run.on_close
         self._release = release
         self._step: asyncio.Future[Piece | None] | None = None
         self._closing: asyncio.Future[None] | None = None
@@ -244,15 +254,8 @@ class Backend(Protocol):
     async def stop(self) -> None:
         """Called after the last request."""
 
-    async def generate(
-        self,
-        job: GenerationJob,
-        usage: Usage,
-        cancelled: threading.Event,
-        on_close: Callable[[str], None],
-    ) -> Generation:
-        """Starts the generation, once the backend can take it; `usage` is filled as it goes,
-        `cancelled` stops it at its next token, `on_close` gets its finish reason."""
+    async def generate(self, job: GenerationJob, run: Run) -> Generation:
+        """Starts the generation, once the backend can take it, for `run`."""
 
     async def prefill(self, job: GenerationJob) -> PrefillResponse:
         """Computes the prompt's KV and keeps it for `GET /v1/kv/{request_id}`."""

@@ -19,7 +19,6 @@ worker's own Kubo.
 
 import asyncio
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
@@ -35,6 +34,7 @@ from edgellm.worker.backend import (
     InvalidJobError,
     NoRoomError,
     Piece,
+    Run,
     UnsupportedError,
     Usage,
 )
@@ -183,13 +183,7 @@ class LlamaCppWorker:
         if self.ipfs_kv is not None:
             await self.ipfs_kv.aclose()
 
-    async def generate(
-        self,
-        job: GenerationJob,
-        usage: Usage,
-        cancelled: threading.Event,
-        on_close: Callable[[str], None],
-    ) -> Generation:
+    async def generate(self, job: GenerationJob, run: Run) -> Generation:
         if job.split is not None:
             raise InvalidJobError(
                 "this worker serves its model whole; split plans go to a worker started"
@@ -208,22 +202,24 @@ class LlamaCppWorker:
         except BaseException:  # the client left while it was fetched
             self.turn.release()
             raise
-        pieces: Iterator[Piece] = self.llama.generate(job.prompt, job.sampling, usage, cancelled)
+        pieces: Iterator[Piece] = self.llama.generate(
+            job.prompt, job.sampling, run.usage, run.cancelled
+        )
         if fetched is not None:
-            pieces = self._loading(fetched, job.prompt, usage, pieces)
+            pieces = self._loading(fetched, job.prompt, run.usage, pieces)
 
         def release() -> "asyncio.Future[Any] | None":
             # The model is idle: its state may be read, and exporting it for IPFS goes on in a
             # thread, holding the turn until it is done.
             self._context_changed()
-            exported = self._export_for_ipfs(usage.prompt_tokens)
+            exported = self._export_for_ipfs(run.usage.prompt_tokens)
             if exported is None:
                 self.turn.release()
             else:
                 exported.add_done_callback(lambda _: self.turn.release())
             return exported
 
-        return Generation(pieces, cancelled=cancelled, on_close=on_close, release=release)
+        return Generation(pieces, run, release=release)
 
     async def prefill(self, job: GenerationJob) -> PrefillResponse:
         usage = Usage()

@@ -34,6 +34,7 @@ from edgellm.worker.backend import (
     NoRoomError,
     Piece,
     PromptTooLongError,
+    Run,
     Sampling,
     UnsupportedError,
     Usage,
@@ -227,18 +228,17 @@ async def _generate(serving: Serving, body: GenerationRequest, prompt: str) -> R
     request_id = body.request_id or uuid.uuid4().hex
     if body.model_extra:  # as vLLM's server: named, then ignored
         logger.warning("request %s: ignoring %s", request_id, ", ".join(sorted(body.model_extra)))
-    usage, cancelled = Usage(), threading.Event()
+    usage = Usage()
     started = time.monotonic()
 
     def finish(reason: str) -> None:
         serving.running.pop(request_id, None)
         _account(serving.metrics, usage, reason, time.monotonic() - started)
 
-    serving.running[request_id] = cancelled  # cancellable while it waits for the model, too
+    run = Run(usage, threading.Event(), finish)
+    serving.running[request_id] = run.cancelled  # cancellable while it waits for the model, too
     try:
-        generation = await serving.backend.generate(
-            _job(body, prompt, request_id), usage, cancelled, finish
-        )
+        generation = await serving.backend.generate(_job(body, prompt, request_id), run)
     except BaseException:
         serving.running.pop(request_id, None)
         raise

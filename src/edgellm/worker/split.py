@@ -15,8 +15,7 @@ answers, the failure is this peer's own (`WorkerFailedError`).
 import asyncio
 import socket
 import sys
-import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from jinja2 import Template
@@ -29,6 +28,7 @@ from edgellm.worker.backend import (
     InvalidJobError,
     NoKVSharing,
     Piece,
+    Run,
     UnsupportedError,
     Usage,
     completion_request,
@@ -90,21 +90,14 @@ class SplitLeader(NoKVSharing):
     async def start(self) -> None:
         """The child starts with the first plan."""
 
-    async def generate(
-        self,
-        job: GenerationJob,
-        usage: Usage,
-        cancelled: threading.Event,
-        on_close: Callable[[str], None],
-    ) -> Generation:
+    async def generate(self, job: GenerationJob, run: Run) -> Generation:
         if job.split is None:
             raise InvalidJobError(
                 "this worker leads a split model: each generation needs its split plan"
             )
         if job.kv_from is not None or job.kv_transfer_params is not None:
             raise UnsupportedError("a split model computes its prompts itself, without kv_from")
-        pieces = self._stream(job, job.split, usage)
-        return Generation(pieces, cancelled=cancelled, on_close=on_close)
+        return Generation(self._stream(job, job.split, run.usage), run)
 
     async def _load(self, plan: SplitPlan) -> None:
         """Runs the child for `plan`, unless it already runs for it."""

@@ -64,8 +64,7 @@ What vLLM refuses (a prompt over its context) or fails comes as the `WorkerClien
 import asyncio
 import json
 import logging
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, Self
 
@@ -81,8 +80,8 @@ from edgellm.worker.backend import (
     GenerationJob,
     InvalidJobError,
     NoKVSharing,
+    Run,
     UnsupportedError,
-    Usage,
     completion_request,
     stream_pieces,
 )
@@ -709,13 +708,7 @@ class VllmBackend(NoKVSharing):
             await client.aclose()
         await self._child.stop()
 
-    async def generate(
-        self,
-        job: GenerationJob,
-        usage: Usage,
-        cancelled: threading.Event,
-        on_close: Callable[[str], None],
-    ) -> Generation:
+    async def generate(self, job: GenerationJob, run: Run) -> Generation:
         """Streams the generation from vLLM; closing it closes the HTTP stream, and vLLM
         aborts a request whose client left. `kv_transfer_params` go to LMCache's connector (a
         disaggregated request's `disagg_spec`)."""
@@ -726,5 +719,4 @@ class VllmBackend(NoKVSharing):
         request = completion_request(
             self.settings.served_model_name, job.prompt, job.sampling, job.kv_transfer_params
         )
-        pieces = stream_pieces(self._api(), self.url, request, usage)
-        return Generation(pieces, cancelled=cancelled, on_close=on_close)
+        return Generation(stream_pieces(self._api(), self.url, request, run.usage), run)
