@@ -242,7 +242,9 @@ def _llamacpp(
     servers = rpc_servers.split(",") if rpc_servers else []
     try:
         counts = [int(n) for n in layers.split(",")] if layers else []
-        return LlamaCppBackend(model, context, threads, rpc_servers=servers, layers=counts)
+        return LlamaCppBackend(
+            model, context=context, threads=threads, rpc_servers=servers, layers=counts
+        )
     except (ValueError, rpc.RPCUnavailableError) as e:
         raise typer.BadParameter(str(e), param_hint="--layers") from e
 

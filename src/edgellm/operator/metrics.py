@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from edgellm.scheduling import PLUGIN_BUCKETS
+from edgellm.scheduling import PLUGIN_BUCKETS, Decision
+from edgellm.scheduling.layersplit import LayerPlan
 
 _SCHEDULING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5)
 
@@ -92,3 +93,9 @@ class OperatorMetrics:
             buckets=PLUGIN_BUCKETS,
             registry=self.registry,
         )
+
+    def observe_plugins(self, placed: Decision | LayerPlan) -> None:
+        """Each plugin's time for one placement (a split's plan, made without them, has none)."""
+        if isinstance(placed, Decision):
+            for plugin, seconds in placed.plugin_seconds.items():
+                self.scheduling_plugin_duration.labels(plugin).observe(seconds)

@@ -48,7 +48,7 @@ from edgellm.operator.metrics import OperatorMetrics
 from edgellm.operator.sessions import SessionTable
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import SplitDecision, decide_split
-from edgellm.scheduling.layersplit import CannotSplit, LayerPlan, place
+from edgellm.scheduling.layersplit import CannotSplit, LayerPlan, leading, place
 from edgellm.workerapi import (
     Job,
     Outcome,
@@ -144,7 +144,15 @@ class RequestRunner:
                 outcome = _finished_before(status, progress)
             else:
                 tokens = await self._prompt_tokens(job)
-                lifecycle = _Lifecycle(self, body, status, job, created, tokens, progress)
+                lifecycle = _Lifecycle(
+                    self,
+                    body=body,
+                    status=status,
+                    job=job,
+                    created=created,
+                    tokens=tokens,
+                    progress=progress,
+                )
                 outcome = await self._attempts(lifecycle, stopped)
             if outcome is None:  # deleted, or this replica paused: the worker was told to stop
                 return
@@ -260,12 +268,9 @@ class RequestRunner:
         """The peer to run on; for a model too large for any one peer, its leader and the plan
         that splits its layers across peers."""
         placed = place(spec, candidates, self.profile, tokens, excluded)
-        if isinstance(placed, Decision):
-            for plugin, seconds in placed.plugin_seconds.items():
-                self.metrics.scheduling_plugin_duration.labels(plugin).observe(seconds)
-            return placed, None
-        if isinstance(placed, LayerPlan):
-            return Decision(placed.leader, 0.0), placed
+        if isinstance(placed, Decision | LayerPlan):
+            self.metrics.observe_plugins(placed)
+            return leading(placed)
         if isinstance(placed, CannotSplit):
             raise RequestFailedError("ModelTooLarge", placed.message)
         if not any(spec.model in {m.name for m in c.peer.spec.models} for c in candidates):
@@ -415,6 +420,7 @@ class _Lifecycle:
     def __init__(
         self,
         runner: RequestRunner,
+        *,
         body: Body,
         status: InferenceRequestStatus,
         job: Job,

@@ -31,7 +31,7 @@ from edgellm.router.policies import Policy, RoutingHistory, policy_profile, text
 from edgellm.router.tokenizers import GgufTokenizer
 from edgellm.scheduling import Candidate, Decision, Profile, schedule
 from edgellm.scheduling.disaggregation import decide_split
-from edgellm.scheduling.layersplit import LayerPlan, place
+from edgellm.scheduling.layersplit import LayerPlan, leading, place
 from edgellm.workerapi import (
     ClientBusyError,
     Job,
@@ -119,7 +119,7 @@ class Dispatcher:
         if not self.peers.holders(job.spec.model):
             raise UnknownModelError(f"no peer of the federation holds model {job.spec.model!r}")
         started = time.perf_counter()
-        routing = _Routing(self, job, await self._prompt_keys(job), started)
+        routing = _Routing(self, job=job, keys=await self._prompt_keys(job), since=started)
         generation = attempts(
             self.client,
             job,
@@ -176,12 +176,9 @@ class Dispatcher:
         candidates = self._candidates(job, keys)
         tokens = estimated_tokens(job, keys.tokens)
         placed = place(job.spec, candidates, self.profile, tokens, excluded | self.peers.failing())
-        if isinstance(placed, Decision):
-            for plugin, seconds in placed.plugin_seconds.items():
-                self.metrics.plugin_seconds.labels(plugin).observe(seconds)
-            return placed, None
-        if isinstance(placed, LayerPlan):
-            return Decision(placed.leader, 0.0), placed
+        if isinstance(placed, Decision | LayerPlan):
+            self.metrics.observe_plugins(placed)
+            return leading(placed)
         raise NoWorkerError(f"no worker can take model {job.spec.model!r} now: {placed.message}")
 
     def route(self, job: Job, keys: PromptKeys, excluded: frozenset[str]) -> Decision | None:
@@ -285,7 +282,7 @@ class Dispatcher:
 class _Routing:
     """The router's hooks of the attempt loop for one request."""
 
-    def __init__(self, dispatcher: Dispatcher, job: Job, keys: PromptKeys, since: float) -> None:
+    def __init__(self, dispatcher: Dispatcher, *, job: Job, keys: PromptKeys, since: float) -> None:
         """`since`: when routing began (`time.perf_counter`), the prompt's lookup included."""
         self.dispatcher = dispatcher
         self.job = job

@@ -107,6 +107,13 @@ def place(
     return split
 
 
+def leading(placed: Decision | LayerPlan) -> tuple[Decision, LayerPlan | None]:
+    """Where a placed request is sent: the peer chosen, or a split's leader with its plan."""
+    if isinstance(placed, Decision):
+        return placed, None
+    return Decision(placed.leader, 0.0), placed
+
+
 def split_context(prompt_tokens: int, max_tokens: int, model_context: int | None = None) -> int:
     """The context a split is loaded with: the request's, rounded up to a power of two (so
     that requests of similar sizes share one loaded plan), within the model's own."""

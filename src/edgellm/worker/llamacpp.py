@@ -80,6 +80,7 @@ class LlamaCppBackend:
     def __init__(
         self,
         model: Path,
+        *,
         context: int = 0,
         threads: int | None = None,
         rpc_servers: Sequence[str] = (),
