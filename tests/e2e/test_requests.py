@@ -97,7 +97,10 @@ def _events(joined: LocalFederation, name: str) -> set[str]:
 def test_a_request_succeeds_with_text_tokens_and_timings(
     joined: LocalFederation, tiny_peer: str
 ) -> None:
-    _submit(joined, "first-answer", sampling={"maxTokens": 24, "temperature": 0})
+    # Pinned to the peer's cluster: a module's later tests add a second peer of the model.
+    placement = {"clusters": [_cluster(tiny_peer)]}
+    sampling = {"maxTokens": 24, "temperature": 0}
+    _submit(joined, "first-answer", placement=placement, sampling=sampling)
     status = _finished(joined, "first-answer")
     assert status["phase"] == "Succeeded", status
     assert status["assignment"]["decodePeer"] == tiny_peer
