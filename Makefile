@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # Within pyproject's range; built with llama.cpp's RPC backend by hack/llama-wheel.sh.
 LLAMA_CPP_PYTHON ?= 0.3.36
 
-.PHONY: setup tools demo down test lint crds bench bench-smoke clean
+.PHONY: setup tools images demo demo-cluster down test lint crds bench bench-smoke clean
 
 $(BIN)/.installed: pyproject.toml hack/llama-wheel.sh
 	python3 -m venv $(VENV)
@@ -17,16 +17,23 @@ $(BIN)/.installed: pyproject.toml hack/llama-wheel.sh
 
 setup: $(BIN)/.installed  ## Python environment with EdgeLLM and its dev tools
 
-tools:  ## pinned etcd, Kubernetes, KWOK, Helm and Kubo binaries in ~/.cache/edgellm/bin
+tools:  ## pinned etcd, Kubernetes, KWOK, Helm, Kubo, containerd and runc binaries in ~/.cache/edgellm/bin
+	hack/host-packages.sh
 	hack/tools.sh
+
+images: setup tools  ## the operator, router and worker images, built with podman; archives in ~/.cache/edgellm/images
+	hack/images.sh $(BIN)/pip
 
 demo: setup tools  ## a local federation, a llama.cpp worker, the example request answered
 	PATH="$(CURDIR)/$(BIN):$$PATH" hack/demo.sh
 
-down: setup  ## stop what `make demo` started
+demo-cluster: setup tools images  ## a local cluster with a real node, EdgeLLM installed with Helm, a worker pod answering
+	PATH="$(CURDIR)/$(BIN):$$PATH" hack/demo-cluster.sh
+
+down: setup  ## stop what `make demo` and `make demo-cluster` started
 	PATH="$(CURDIR)/$(BIN):$$PATH" hack/demo-down.sh
 
-test: setup tools  ## every check: lint, types, import layers, CRD drift, unit and e2e tests
+test: setup tools images  ## every check: lint, types, import layers, CRD drift, unit and e2e tests
 	PATH="$(CURDIR)/$(BIN):$$PATH" hack/test.sh
 
 lint: setup  ## the static checks alone

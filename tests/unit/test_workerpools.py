@@ -80,6 +80,20 @@ def test_a_pool_defaults_to_one_warm_llamacpp_worker_serving_both_phases() -> No
         ({"backend": "vllm"}, "the vllm backend needs resources.gpus of at least 1"),
         ({"source": {"path": "/models/../etc/shadow"}}, "may not contain '..' segments"),
         ({"source": {"path": "models/tiny.gguf"}}, "should match pattern"),
+        ({"source": {}}, "exactly one of path, persistentVolumeClaim or generated"),
+        (
+            {"source": {"path": "/m/a.gguf", "generated": "tiny-random"}},
+            "exactly one of path, persistentVolumeClaim or generated",
+        ),
+        (
+            {"source": {"persistentVolumeClaim": {"claimName": "models", "path": "a/../../b"}}},
+            "may not contain '..' segments",
+        ),
+        ({"source": {"generated": "huge-random"}}, "'tiny-random' or 'bench-random'"),
+        (
+            {"backend": "vllm", "resources": {"gpus": 1}, "source": {"generated": "tiny-random"}},
+            "generated models are GGUF files",
+        ),
         (
             {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "yes"}]},
             "value must be empty when operator is Exists",
@@ -99,11 +113,11 @@ def test_a_vllm_pool_with_a_gpu_is_accepted() -> None:
     assert spec.resources.gpus == 2
 
 
-def test_the_shipped_example_is_a_valid_gpu_pool() -> None:
+def test_the_shipped_example_is_a_cpu_pool_that_writes_its_own_model() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "workerpool.yaml"
     pool = WorkerPool.model_validate(yaml.safe_load(example.read_text()))
-    assert pool.spec.resources.gpus == 1
-    assert pool.spec.model == "tiny-random"
+    assert pool.spec.resources.gpus == 0
+    assert pool.spec.model == pool.spec.source.generated == "tiny-random"
 
 
 # --- size for a demand -------------------------------------------------------------------------
@@ -192,6 +206,7 @@ def test_a_llamacpp_worker_serves_the_mounted_model_under_the_pools_model_name()
         "--name=qwen2.5-0.5b-instruct",
         "--host=0.0.0.0",
         "--port=8600",
+        "--drain-timeout=25",
         "--threads=2",
     ]
     assert container["image"].startswith("ghcr.io/edgellm/worker:")
@@ -209,6 +224,39 @@ def test_a_llamacpp_worker_serves_the_mounted_model_under_the_pools_model_name()
     }
     assert "nodeSelector" not in pod
     assert "tolerations" not in pod
+    assert "initContainers" not in pod
+    # The worker drains (--drain-timeout) within the pod's grace period.
+    assert pod["terminationGracePeriodSeconds"] > 25
+
+
+def test_a_model_on_a_volume_claim_is_mounted_read_only_from_it() -> None:
+    source = {"persistentVolumeClaim": {"claimName": "models", "path": "qwen/q4.gguf"}}
+    pod = deployment(_pool(source=source), 1)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--model=/models/qwen/q4.gguf" in container["command"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    volume = next(v for v in pod["volumes"] if v["name"] == "model")
+    assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert "initContainers" not in pod
+
+
+def test_a_generated_model_is_written_by_an_init_container_into_a_volume_of_the_pod() -> None:
+    pool = _pool(source={"generated": "bench-random"}, image="registry.example/worker:dev")
+    pod = deployment(pool, 1)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    assert init["command"] == ["edgellm", "model", "bench", "--out=/models/bench-random.gguf"]
+    assert init["image"] == container["image"] == "registry.example/worker:dev"
+    assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
+    assert init["securityContext"] == container["securityContext"]
+    assert "--model=/models/bench-random.gguf" in container["command"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    volume = next(v for v in pod["volumes"] if v["name"] == "model")
+    assert volume == {"name": "model", "emptyDir": {}}
 
 
 def test_a_gpu_worker_requests_and_is_limited_to_its_gpus_and_tolerates_gpu_taints() -> None:
