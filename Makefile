@@ -42,19 +42,21 @@ lint: setup  ## the static checks alone
 crds: setup  ## regenerate crds/ and the chart's CRDs from the API models
 	$(BIN)/edgellm crds
 
-bench: setup tools  ## benchmarks at full size; figures in bench-results/
+bench: setup tools images  ## benchmarks at full size; figures in bench-results/
 	$(BIN)/python -m benchmarks.federation --peers 1000 --out bench-results/federation.json
 	$(BIN)/python -m benchmarks.inference_requests --out bench-results/requests.json
 	$(BIN)/python -m benchmarks.router --out bench-results/router.json
 	$(BIN)/python -m benchmarks.kv_ipfs --out bench-results/kv-ipfs.json
 	$(BIN)/python -m benchmarks.layer_split --out bench-results/layer-split.json
+	$(BIN)/python -m benchmarks.in_cluster --out bench-results/in-cluster.json
 
-bench-smoke: setup tools  ## the benchmarks at a size that takes a minute each
+bench-smoke: setup tools images  ## the benchmarks at a size that takes a minute each
 	$(BIN)/python -m benchmarks.federation --peers 120 --out bench-results/federation-smoke.json
 	$(BIN)/python -m benchmarks.inference_requests --smoke --out bench-results/requests-smoke.json
 	$(BIN)/python -m benchmarks.router --smoke --out bench-results/router-smoke.json
 	$(BIN)/python -m benchmarks.kv_ipfs --smoke --out bench-results/kv-ipfs-smoke.json
 	$(BIN)/python -m benchmarks.layer_split --smoke --out bench-results/layer-split-smoke.json
+	$(BIN)/python -m benchmarks.in_cluster --out bench-results/in-cluster-smoke.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

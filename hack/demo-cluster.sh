@@ -26,7 +26,7 @@ kubectl create secret generic edgellm-router-api-keys --namespace edgellm-system
 
 kubectl apply -f examples/workerpool.yaml
 kubectl wait --for=condition=Available workerpool/tiny-random --timeout=300s
-kubectl get pods,peers -o wide
+kubectl get pods,peernodes -o wide
 kubectl apply -f examples/inference.yaml
 kubectl wait --for=jsonpath='{.status.phase}'=Succeeded ir/hello --timeout=180s
 kubectl get ir hello
