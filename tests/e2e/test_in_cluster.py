@@ -163,7 +163,8 @@ def _pool_peer_ready(lab: HomeLab, pool: str) -> str:
     (pod,) = lab.pods("default", f"edgellm.io/worker-pool={pool}")
     assert pod["spec"]["nodeName"] == f"{CLUSTER}-node-0"
     name = f"{CLUSTER}-default-{pod['metadata']['name']}"
-    eventually(lambda: _peer_condition(lab, name, "Ready") == "True", 60, f"{name} is Ready")
+    # Available means a worker can be scheduled onto: its peer is Ready already.
+    assert _peer_condition(lab, name, "Ready") == "True"
     peer = lab.get("peernode", name)
     assert peer["spec"]["endpoint"] == f"http://{pod['status']['podIP']}:8600"
     assert [m["name"] for m in peer["spec"]["models"]] == ["tiny-random"]

@@ -4,13 +4,8 @@ deleted, and the peers whose pods are gone."""
 from typing import Any
 
 from edgellm.api import PeerNode, WorkerPool
-from edgellm.operator.poolpeers import (
-    POD_LABEL,
-    is_ready,
-    orphaned_peers,
-    peer_for_pod,
-    peer_name,
-)
+from edgellm.operator.poolpeers import POD_LABEL, orphaned_peers, peer_for_pod, peer_name
+from edgellm.operator.workerpools import pod_ready
 
 POOL = WorkerPool.model_validate(
     {
@@ -84,9 +79,9 @@ def test_a_gpu_worker_s_accelerators_come_from_its_node_s_labels() -> None:
 
 
 def test_readiness_is_the_pod_s_ready_condition() -> None:
-    assert is_ready(_pod())
-    assert not is_ready(_pod(ready=False))
-    assert not is_ready({"metadata": {}, "status": {}})
+    assert pod_ready(_pod())
+    assert not pod_ready(_pod(ready=False))
+    assert not pod_ready({"metadata": {}, "status": {}})
 
 
 def test_peers_of_pods_that_are_gone_are_orphans_and_no_others() -> None:

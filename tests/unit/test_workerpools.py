@@ -44,7 +44,7 @@ def _deployment_status(replicas: int, ready: int, conditions: list[Any] | None =
     }
 
 
-def _pod(scheduled: bool = True, message: str = "") -> dict[str, Any]:
+def _pod(scheduled: bool = True, message: str = "", ready: bool | None = None) -> dict[str, Any]:
     condition = (
         {"type": "PodScheduled", "status": "True"}
         if scheduled
@@ -55,7 +55,8 @@ def _pod(scheduled: bool = True, message: str = "") -> dict[str, Any]:
             "message": message,
         }
     )
-    return {"metadata": {"name": "qwen-abc"}, "status": {"conditions": [condition]}}
+    readiness = {"type": "Ready", "status": "True" if scheduled and ready is not False else "False"}
+    return {"metadata": {"name": "qwen-abc"}, "status": {"conditions": [condition, readiness]}}
 
 
 # --- the resource's rules ---------------------------------------------------------------------
@@ -234,9 +235,7 @@ def test_a_model_on_a_volume_claim_is_mounted_read_only_from_it() -> None:
     pod = deployment(_pool(source=source), 1)["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert "--model=/models/qwen/q4.gguf" in container["command"]
-    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container[
-        "volumeMounts"
-    ]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
     volume = next(v for v in pod["volumes"] if v["name"] == "model")
     assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
     assert "initContainers" not in pod
@@ -252,9 +251,7 @@ def test_a_generated_model_is_written_by_an_init_container_into_a_volume_of_the_
     assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
     assert init["securityContext"] == container["securityContext"]
     assert "--model=/models/bench-random.gguf" in container["command"]
-    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container[
-        "volumeMounts"
-    ]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
     volume = next(v for v in pod["volumes"] if v["name"] == "model")
     assert volume == {"name": "model", "emptyDir": {}}
 
@@ -359,6 +356,20 @@ def test_a_pool_with_all_its_workers_ready_is_available_and_scaled() -> None:
     assert condition_status(status.conditions, "Scaled") == "True"
     reasons = {t.reason for t in assessment.transitions}
     assert reasons == {"ScaledUp", "WorkersReady", "DesiredReplicasReady"}
+
+
+def test_a_pool_is_available_once_a_pod_it_registers_as_a_peer_is_ready() -> None:
+    # The Deployment may count a pod ready before the pool loop has seen it so (and registered
+    # it as a Ready peer); Available follows the pods the loop saw, a terminating one not.
+    ahead = pool_status(_pool(), 1, _deployment_status(1, 1), [_pod(ready=False)], NOW)
+    assert condition_status(ahead.status.conditions, "Available") == "False"
+    leaving = _pod()
+    leaving["metadata"]["deletionTimestamp"] = "2026-03-01T12:00:00Z"
+    draining = pool_status(_pool(), 1, _deployment_status(1, 1), [leaving], NOW)
+    assert condition_status(draining.status.conditions, "Available") == "False"
+    serving = pool_status(_pool(), 1, _deployment_status(1, 1), [_pod(), leaving], NOW)
+    available = next(c for c in serving.status.conditions if c.type == "Available")
+    assert (available.status, available.message) == ("True", "1 worker ready")
 
 
 def test_pods_the_scheduler_cannot_place_make_the_pool_unschedulable_with_a_warning() -> None:

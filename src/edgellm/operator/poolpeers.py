@@ -17,7 +17,7 @@ from typing import Any
 
 from edgellm.api import API_VERSION, ORIGIN_CLUSTER_LABEL, WorkerPool
 from edgellm.operator.nodepeers import WORKER_PORT, gpu_accelerators
-from edgellm.operator.workerpools import POOL_LABEL
+from edgellm.operator.workerpools import POOL_LABEL, pod_terminating
 
 Body = dict[str, Any]
 
@@ -30,18 +30,6 @@ SIMULATED_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 def peer_name(cluster: str, namespace: str, pod: str) -> str:
     """Unique in the federation: a pod's name is unique only in its namespace and cluster."""
     return f"{cluster}-{namespace}-{pod}"[:253].rstrip("-.")
-
-
-def is_ready(pod: Body) -> bool:
-    """Whether the kubelet's readiness probe (the worker's /healthz) passes."""
-    return any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in (pod.get("status") or {}).get("conditions") or []
-    )
-
-
-def is_terminating(pod: Body) -> bool:
-    return bool(pod["metadata"].get("deletionTimestamp"))
 
 
 def peer_for_pod(
@@ -79,7 +67,7 @@ def peer_for_pod(
             "models": [
                 {"name": spec.model, "format": "safetensors" if spec.backend == "vllm" else "gguf"}
             ],
-            "unschedulable": is_terminating(pod),
+            "unschedulable": pod_terminating(pod),
         },
     }
 

@@ -15,16 +15,16 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes import client
 from pydantic import ValidationError
 
-from edgellm.api import WorkerPool
+from edgellm.api import PeerLoad, PeerNode, WorkerPool
 from edgellm.api.workerpool import WorkerPoolStatus
 from edgellm.kube import apply
-from edgellm.operator import poolpeers, workerpools
+from edgellm.operator import peerhealth, poolpeers, workerpools
 from edgellm.operator.events import EventRecorder
 from edgellm.operator.workerpools import PoolAssessment
 from edgellm.worker.registration import worker_load
@@ -92,9 +92,7 @@ class PoolReconciler:
             model = (body.get("spec") or {}).get("model", "")
             own = pods.get((metadata["namespace"], metadata["name"]), [])
             try:
-                pool = self.reconcile(body, demand.get((metadata["namespace"], model), 0), own)
-                if pool is not None:
-                    self._register_workers(pool, own, nodes)
+                self.reconcile(body, demand.get((metadata["namespace"], model), 0), own, nodes)
             except Exception:
                 logger.exception(
                     "reconciling worker pool %s/%s failed", metadata["namespace"], metadata["name"]
@@ -106,9 +104,9 @@ class PoolReconciler:
         }
         self._remove_orphaned_peers(live)
 
-    def reconcile(self, body: Body, demand: int, pods: list[Body]) -> WorkerPool | None:
-        """Applies the pool's Deployment and writes the pool's status and Events; returns the
-        pool, or None when its spec is invalid."""
+    def reconcile(self, body: Body, demand: int, pods: list[Body], nodes: dict[str, Body]) -> None:
+        """Applies the pool's Deployment, registers its pods as peers, and writes the pool's
+        status and Events (the peers first: a pool that says Available can be scheduled onto)."""
         now = datetime.now(UTC)
         metadata = body["metadata"]
         try:
@@ -117,10 +115,11 @@ class PoolReconciler:
             previous = _previous_status(body)
             generation = metadata.get("generation")
             self._report(body, previous, _blocked(previous, generation, "InvalidSpec", str(e), now))
-            return None
+            return
         assessment = self._assess(pool, demand, pods, now)
+        if not assessment.blocked:
+            self._register_workers(pool, pods, nodes, now)
         self._report(body, pool.status, assessment)
-        return pool
 
     def _assess(
         self, pool: WorkerPool, demand: int, pods: list[Body], now: datetime
@@ -159,24 +158,36 @@ class PoolReconciler:
             for node in self.local.sanitize_for_serialization(listed)["items"]
         }
 
-    def _register_workers(self, pool: WorkerPool, pods: list[Body], nodes: dict[str, Body]) -> None:
+    def _register_workers(
+        self, pool: WorkerPool, pods: list[Body], nodes: dict[str, Body], now: datetime
+    ) -> None:
         """Applies the PeerNode of each of the pool's pods that has an address, and heartbeats
-        the Ready ones with the load their worker reports."""
-        objects = client.CustomObjectsApi(self.local)
+        the Ready ones with the load their worker reports. A heartbeat also sets the peer's
+        conditions, as the health loop would at its next pass: a ready pod is a Ready peer now."""
         for pod in pods:
             node = nodes.get((pod.get("spec") or {}).get("nodeName", ""), {})
             if poolpeers.SIMULATED_NODE_ANNOTATION in (node.get("annotations") or {}):
                 continue  # KWOK plays this pod: no worker answers at its address
-            peer = poolpeers.peer_for_pod(pod, pool, self.cluster, node.get("labels") or {})
-            if peer is None:
+            desired = poolpeers.peer_for_pod(pod, pool, self.cluster, node.get("labels") or {})
+            if desired is None:
                 continue
-            apply(self.local, [peer], manager=FIELD_MANAGER)
-            if poolpeers.is_ready(pod):
-                load = worker_load(peer["spec"]["endpoint"]).to_wire()
-                status = {"lastHeartbeatTime": datetime.now(UTC).isoformat(), "load": load}
-                objects.patch_cluster_custom_object_status(
-                    GROUP, VERSION, "peernodes", peer["metadata"]["name"], {"status": status}
-                )
+            (applied,) = apply(self.local, [desired], manager=FIELD_MANAGER)
+            if workerpools.pod_ready(pod):
+                self._heartbeat(applied, worker_load(desired["spec"]["endpoint"]), now)
+
+    def _heartbeat(self, body: Body, load: PeerLoad, now: datetime) -> None:
+        peer = PeerNode.model_validate(body)
+        peer.status.last_heartbeat_time = now
+        peer.status.load = load
+        created = datetime.fromisoformat(body["metadata"]["creationTimestamp"])
+        verdict = peerhealth.assess(peer, now, created, removal_grace=timedelta(0))
+        for transition in verdict.transitions:
+            self.events.record(body, transition.type, transition.reason, transition.message)
+        peer.status.conditions = verdict.conditions
+        peer.status.observed_generation = peer.metadata.generation
+        client.CustomObjectsApi(self.local).patch_cluster_custom_object_status(
+            GROUP, VERSION, "peernodes", peer.metadata.name, {"status": peer.status.to_wire()}
+        )
 
     def _remove_orphaned_peers(self, pods: set[tuple[str, str]]) -> None:
         objects = client.CustomObjectsApi(self.local)

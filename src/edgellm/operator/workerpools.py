@@ -314,6 +314,19 @@ def deployment(pool: WorkerPool, replicas: int, image: str = DEFAULT_IMAGE) -> B
 class PoolAssessment:
     status: WorkerPoolStatus
     transitions: list[Transition] = field(default_factory=list)
+    blocked: bool = False  # the operator cannot run the pool's workers (blocked_status says why)
+
+
+def pod_ready(pod: Body) -> bool:
+    """Whether the kubelet's readiness probe (the worker's /healthz) passes."""
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+def pod_terminating(pod: Body) -> bool:
+    return bool(pod["metadata"].get("deletionTimestamp"))
 
 
 def _unschedulable(pods: list[Body]) -> list[str]:
@@ -397,6 +410,9 @@ def pool_status(
         )
 
     ready = status.ready_replicas
+    # Available counts the pods of this very listing, which the pool loop has just registered
+    # and heartbeated as peers: a pool that says Available can be scheduled onto.
+    serving = sum(1 for pod in pods if pod_ready(pod) and not pod_terminating(pod))
     unschedulable = _unschedulable(pods)
     failure = _deployment_condition(deployment or {}, "ReplicaFailure")
     progress = f"{ready} of {_workers(desired)} ready"
@@ -418,8 +434,8 @@ def pool_status(
     else:
         conditions.set("Scaled", "False", "WorkersStarting", progress)
 
-    if ready:
-        conditions.set("Available", "True", "WorkersReady", f"{_workers(ready)} ready")
+    if serving:
+        conditions.set("Available", "True", "WorkersReady", f"{_workers(serving)} ready")
     elif desired == 0:
         conditions.set(
             "Available", "False", "ScaledToZero", "no unfinished requests and minReplicas is 0"
@@ -443,4 +459,4 @@ def blocked_status(
     status.observed_generation = generation
     conditions = _Conditions(status, now, generation)
     conditions.set("Scaled", "False", reason, message)
-    return PoolAssessment(status, conditions.transitions)
+    return PoolAssessment(status, conditions.transitions, blocked=True)
