@@ -23,6 +23,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
+from edgellm.dev.cluster import LocalCluster
 from edgellm.dev.tools import tool
 from tests.e2e.conftest import edgellm, eventually
 
@@ -73,10 +74,16 @@ def home_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HomeLab]:
     up = edgellm("dev", "up", "--real-node", f"--workdir={workdir}", timeout=600)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
+        node = LocalCluster(CLUSTER, workdir / CLUSTER).real_node()
+        assert node is not None
         yield HomeLab(workdir / "kubeconfig")
     finally:
         down = edgellm("dev", "down", f"--workdir={workdir}", timeout=300)
         assert down.returncode == 0, down.stderr
+    # Nothing of the node is left: its network, its mounts, its processes.
+    assert not Path(f"/run/netns/{node.network.netns}").exists()
+    assert str(workdir) not in Path("/proc/self/mounts").read_text()
+    assert not _processes_under(workdir)
 
 
 def test_a_home_lab_installs_with_helm_and_answers_from_worker_pods(home_lab: HomeLab) -> None:
@@ -235,6 +242,19 @@ def _left_behind(lab: HomeLab) -> list[str]:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _processes_under(workdir: Path) -> list[str]:
+    """Command lines that name `workdir` (the node's containerd, kubelet and shims do)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(workdir) in text:
+            found.append(text)
+    return found
 
 
 def _ready(pod: dict[str, Any]) -> bool:
