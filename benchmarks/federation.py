@@ -21,8 +21,9 @@ import yaml
 from kubernetes import client
 
 from edgellm.api import KINDS, custom_resource_definition
-from edgellm.dev.cluster import FakeNode, LocalCluster, process_usage
+from edgellm.dev.cluster import FakeNode, LocalCluster
 from edgellm.dev.federation import LocalFederation
+from edgellm.dev.processes import process_usage
 from edgellm.federation.rbac import federation_manifests
 from edgellm.kube import api_client, apply, install_crds
 

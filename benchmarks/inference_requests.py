@@ -66,8 +66,9 @@ from edgellm.api import (
     SamplingParams,
     custom_resource_definition,
 )
-from edgellm.dev.cluster import LocalCluster, free_port, process_usage
+from edgellm.dev.cluster import LocalCluster, free_port
 from edgellm.dev.federation import LocalFederation
+from edgellm.dev.processes import process_usage
 from edgellm.federation.rbac import (
     FEDERATION_NAMESPACE,
     federation_manifests,

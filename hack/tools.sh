@@ -3,7 +3,9 @@
 # outside the repository: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
 # KWOK, Helm, Kubo (the `ipfs` daemon), and Prometheus' `promtool` and `prometheus` (the metrics
 # tests lint every /metrics page with promtool and query the dashboards' expressions through a real
-# server).
+# server); for a real node (`edgellm dev up --real-node`): containerd with its runc shim and `ctr`,
+# runc, kubelet, kube-proxy, crictl and the sandbox (`pause`) binary of hack/pause. The node's CNI
+# plugins are Debian's (hack/host-packages.sh).
 #
 # Each tool is downloaded as an official release where that works (EDGELLM_TOOLS_SOURCE=auto, the
 # default) and otherwise built from the Go module proxy: Helm and KWOK with `go install`, the
@@ -26,6 +28,10 @@ set -euo pipefail
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.21.4
 PROMETHEUS_VERSION=v3.16.0  # the Go module's tag is v0.316.0: see prometheus_module_version
+CONTAINERD_VERSION=v2.4.2
+# Debian's runc 1.1.5 fails under containerd 2.4 ("can't get final child's PID from pipe").
+RUNC_VERSION=v1.4.4
+CRICTL_VERSION=v1.37.0  # cri-tools publishes no v1.36 module; crictl speaks CRI v1 to any kubelet
 
 HACK_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${EDGELLM_CACHE:-$HOME/.cache/edgellm}
@@ -36,7 +42,8 @@ ARCH=$(go env GOARCH 2>/dev/null || echo amd64)
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod
 mkdir -p "$BIN" "$LOGS"
 
-ALL_TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwok-stages.yaml helm ipfs promtool prometheus)
+ALL_TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwok-stages.yaml helm ipfs promtool prometheus
+  containerd containerd-shim-runc-v2 ctr runc kubelet kube-proxy crictl pause)
 # KWOK's upstream stages (node-initialize, lease heartbeats, pod-fast): how fake nodes and pods
 # change state. kwokctl embeds them; the kwok binary needs them as configuration.
 KWOK_STAGES=(node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml
@@ -49,11 +56,15 @@ wrapper_version() { # module directory, module path -> pinned version
 version_of() {
   case $1 in
     etcd) wrapper_version etcd go.etcd.io/etcd/server/v3 ;;
-    kube-*|kubectl) wrapper_version kubernetes k8s.io/kubernetes ;;
+    kube-*|kubectl|kubelet) wrapper_version kubernetes k8s.io/kubernetes ;;
     kwok|kwok-stages.yaml) echo "$KWOK_VERSION" ;;
     helm) echo "$HELM_VERSION" ;;
     ipfs) wrapper_version kubo github.com/ipfs/kubo ;;
     promtool|prometheus) echo "$PROMETHEUS_VERSION" ;;
+    containerd|containerd-shim-runc-v2|ctr) echo "$CONTAINERD_VERSION" ;;
+    runc) echo "$RUNC_VERSION" ;;
+    crictl) echo "$CRICTL_VERSION" ;;
+    pause) echo "src-$(sha256sum "$HACK_DIR/pause/main.go" | cut -c1-12)" ;;
     *) echo "unknown tool '$1' (known: ${ALL_TOOLS[*]})" >&2; return 1 ;;
   esac
 }
@@ -73,7 +84,7 @@ k8s_ldflags() {
 release_url() {
   local tool=$1 v=$2
   case $tool in
-    kube-*|kubectl) echo "https://dl.k8s.io/release/$v/bin/linux/$ARCH/$tool" ;;
+    kube-*|kubectl|kubelet) echo "https://dl.k8s.io/release/$v/bin/linux/$ARCH/$tool" ;;
     etcd) echo "https://github.com/etcd-io/etcd/releases/download/$v/etcd-$v-linux-$ARCH.tar.gz etcd-$v-linux-$ARCH/etcd" ;;
     kwok) echo "https://github.com/kubernetes-sigs/kwok/releases/download/$v/kwok-linux-$ARCH" ;;
     helm) echo "https://get.helm.sh/helm-$v-linux-$ARCH.tar.gz linux-$ARCH/helm" ;;
@@ -81,6 +92,10 @@ release_url() {
     promtool|prometheus)
       local dir="prometheus-${v#v}.linux-$ARCH"
       echo "https://github.com/prometheus/prometheus/releases/download/$v/$dir.tar.gz $dir/$tool" ;;
+    containerd|containerd-shim-runc-v2|ctr)
+      echo "https://github.com/containerd/containerd/releases/download/$v/containerd-${v#v}-linux-$ARCH.tar.gz bin/$tool" ;;
+    runc) echo "https://github.com/opencontainers/runc/releases/download/$v/runc.$ARCH" ;;
+    crictl) echo "https://github.com/kubernetes-sigs/cri-tools/releases/download/$v/crictl-$v-linux-$ARCH.tar.gz crictl" ;;
   esac
 }
 
@@ -91,7 +106,7 @@ download() ( # tool version out log; a subshell, so that its EXIT trap cleans up
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   curl -fsSL --connect-timeout 5 -o "$tmp/dl" "$url" >>"$log" 2>&1 || return 1
-  if [[ $tool == kube-* || $tool == kubectl ]]; then  # the only releases with a per-file checksum
+  if [[ $tool == kube-* || $tool == kubectl || $tool == kubelet ]]; then  # the only releases with a per-file checksum
     curl -fsSL --connect-timeout 5 -o "$tmp/dl.sha256" "$url.sha256" >>"$log" 2>&1 || return 1
     echo "$(cat "$tmp/dl.sha256")  $tmp/dl" | sha256sum -c - >>"$log" 2>&1 || return 1
   fi
@@ -104,10 +119,10 @@ download() ( # tool version out log; a subshell, so that its EXIT trap cleans up
   chmod +x "$out"
 )
 
-go_install() { # package@version, version variable=value, out: a plain `go install`, moved to out
+go_install() { # package@version, version variable=value, out, [build flag]: a plain `go install`, moved to out
   local gobin
   gobin=$(mktemp -d)
-  GOBIN=$gobin GOFLAGS= go install -trimpath -ldflags "-s -w -X $2" "$1" &&
+  GOBIN=$gobin GOFLAGS= go install -trimpath ${4:+"$4"} -ldflags "-s -w -X $2" "$1" &&
     mv "$gobin"/* "$3" && rmdir "$gobin"
 }
 
@@ -120,7 +135,7 @@ prometheus_module_version() { # v3.16.0 -> v0.316.0, the tag of the release's Go
 build() { # tool version out log
   local tool=$1 v=$2 out=$3 log=$4
   case $tool in
-    kube-*|kubectl)
+    kube-*|kubectl|kubelet)
       (cd "$HACK_DIR/tools/kubernetes" &&
         go build -trimpath -ldflags "$(k8s_ldflags "$v")" -o "$out" "k8s.io/kubernetes/cmd/$tool") ;;
     etcd)
@@ -143,6 +158,15 @@ build() { # tool version out log
     promtool|prometheus)
       go_install "github.com/prometheus/prometheus/cmd/$tool@$(prometheus_module_version "$v")" \
         "github.com/prometheus/common/version.Version=${v#v}" "$out" ;;
+    containerd|containerd-shim-runc-v2|ctr)
+      go_install "github.com/containerd/containerd/v2/cmd/$tool@$v" \
+        "github.com/containerd/containerd/v2/version.Version=$v" "$out" ;;
+    runc)  # seccomp filters (the RuntimeDefault profile) need libseccomp through cgo
+      CGO_ENABLED=1 go_install "github.com/opencontainers/runc@$v" "main.version=${v#v}" "$out" -tags=seccomp ;;
+    crictl)
+      go_install "sigs.k8s.io/cri-tools/cmd/crictl@$v" "sigs.k8s.io/cri-tools/pkg/version.Version=$v" "$out" ;;
+    pause)  # static: the sandbox image holds nothing else
+      (cd "$HACK_DIR/pause" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out" .) ;;
   esac >>"$log" 2>&1
 }
 

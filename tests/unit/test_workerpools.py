@@ -44,7 +44,7 @@ def _deployment_status(replicas: int, ready: int, conditions: list[Any] | None =
     }
 
 
-def _pod(scheduled: bool = True, message: str = "") -> dict[str, Any]:
+def _pod(scheduled: bool = True, message: str = "", ready: bool | None = None) -> dict[str, Any]:
     condition = (
         {"type": "PodScheduled", "status": "True"}
         if scheduled
@@ -55,7 +55,8 @@ def _pod(scheduled: bool = True, message: str = "") -> dict[str, Any]:
             "message": message,
         }
     )
-    return {"metadata": {"name": "qwen-abc"}, "status": {"conditions": [condition]}}
+    readiness = {"type": "Ready", "status": "True" if scheduled and ready is not False else "False"}
+    return {"metadata": {"name": "qwen-abc"}, "status": {"conditions": [condition, readiness]}}
 
 
 # --- the resource's rules ---------------------------------------------------------------------
@@ -80,6 +81,20 @@ def test_a_pool_defaults_to_one_warm_llamacpp_worker_serving_both_phases() -> No
         ({"backend": "vllm"}, "the vllm backend needs resources.gpus of at least 1"),
         ({"source": {"path": "/models/../etc/shadow"}}, "may not contain '..' segments"),
         ({"source": {"path": "models/tiny.gguf"}}, "should match pattern"),
+        ({"source": {}}, "exactly one of path, persistentVolumeClaim or generated"),
+        (
+            {"source": {"path": "/m/a.gguf", "generated": "tiny-random"}},
+            "exactly one of path, persistentVolumeClaim or generated",
+        ),
+        (
+            {"source": {"persistentVolumeClaim": {"claimName": "models", "path": "a/../../b"}}},
+            "may not contain '..' segments",
+        ),
+        ({"source": {"generated": "huge-random"}}, "'tiny-random' or 'bench-random'"),
+        (
+            {"backend": "vllm", "resources": {"gpus": 1}, "source": {"generated": "tiny-random"}},
+            "generated models are GGUF files",
+        ),
         (
             {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "yes"}]},
             "value must be empty when operator is Exists",
@@ -99,11 +114,11 @@ def test_a_vllm_pool_with_a_gpu_is_accepted() -> None:
     assert spec.resources.gpus == 2
 
 
-def test_the_shipped_example_is_a_valid_gpu_pool() -> None:
+def test_the_shipped_example_is_a_cpu_pool_that_writes_its_own_model() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "workerpool.yaml"
     pool = WorkerPool.model_validate(yaml.safe_load(example.read_text()))
-    assert pool.spec.resources.gpus == 1
-    assert pool.spec.model == "tiny-random"
+    assert pool.spec.resources.gpus == 0
+    assert pool.spec.model == pool.spec.source.generated == "tiny-random"
 
 
 # --- size for a demand -------------------------------------------------------------------------
@@ -192,6 +207,7 @@ def test_a_llamacpp_worker_serves_the_mounted_model_under_the_pools_model_name()
         "--name=qwen2.5-0.5b-instruct",
         "--host=0.0.0.0",
         "--port=8600",
+        "--drain-timeout=25",
         "--threads=2",
     ]
     assert container["image"].startswith("ghcr.io/edgellm/worker:")
@@ -209,6 +225,35 @@ def test_a_llamacpp_worker_serves_the_mounted_model_under_the_pools_model_name()
     }
     assert "nodeSelector" not in pod
     assert "tolerations" not in pod
+    assert "initContainers" not in pod
+    # The worker drains (--drain-timeout) within the pod's grace period.
+    assert pod["terminationGracePeriodSeconds"] > 25
+
+
+def test_a_model_on_a_volume_claim_is_mounted_read_only_from_it() -> None:
+    source = {"persistentVolumeClaim": {"claimName": "models", "path": "qwen/q4.gguf"}}
+    pod = deployment(_pool(source=source), 1)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--model=/models/qwen/q4.gguf" in container["command"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "model")
+    assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert "initContainers" not in pod
+
+
+def test_a_generated_model_is_written_by_an_init_container_into_a_volume_of_the_pod() -> None:
+    pool = _pool(source={"generated": "bench-random"}, image="registry.example/worker:dev")
+    pod = deployment(pool, 1)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    assert init["command"] == ["edgellm", "model", "bench", "--out=/models/bench-random.gguf"]
+    assert init["image"] == container["image"] == "registry.example/worker:dev"
+    assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
+    assert init["securityContext"] == container["securityContext"]
+    assert "--model=/models/bench-random.gguf" in container["command"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "model")
+    assert volume == {"name": "model", "emptyDir": {}}
 
 
 def test_a_gpu_worker_requests_and_is_limited_to_its_gpus_and_tolerates_gpu_taints() -> None:
@@ -311,6 +356,20 @@ def test_a_pool_with_all_its_workers_ready_is_available_and_scaled() -> None:
     assert condition_status(status.conditions, "Scaled") == "True"
     reasons = {t.reason for t in assessment.transitions}
     assert reasons == {"ScaledUp", "WorkersReady", "DesiredReplicasReady"}
+
+
+def test_a_pool_is_available_once_a_pod_it_registers_as_a_peer_is_ready() -> None:
+    # The Deployment may count a pod ready before the pool loop has seen it so (and registered
+    # it as a Ready peer); Available follows the pods the loop saw, a terminating one not.
+    ahead = pool_status(_pool(), 1, _deployment_status(1, 1), [_pod(ready=False)], NOW)
+    assert condition_status(ahead.status.conditions, "Available") == "False"
+    leaving = _pod()
+    leaving["metadata"]["deletionTimestamp"] = "2026-03-01T12:00:00Z"
+    draining = pool_status(_pool(), 1, _deployment_status(1, 1), [leaving], NOW)
+    assert condition_status(draining.status.conditions, "Available") == "False"
+    serving = pool_status(_pool(), 1, _deployment_status(1, 1), [_pod(), leaving], NOW)
+    available = next(c for c in serving.status.conditions if c.type == "Available")
+    assert (available.status, available.message) == ("True", "1 worker ready")
 
 
 def test_pods_the_scheduler_cannot_place_make_the_pool_unschedulable_with_a_warning() -> None:

@@ -45,6 +45,7 @@ from edgellm.api.inferencerequest import (
 )
 from edgellm.api.peermodels import PeerModels
 from edgellm.api.peernode import (
+    NODE_PEER_LABEL,
     ORIGIN_CLUSTER_LABEL,
     Accelerator,
     PeerLoad,
@@ -68,6 +69,7 @@ __all__ = [
     "GROUP",
     "INFERENCE_REQUEST",
     "KINDS",
+    "NODE_PEER_LABEL",
     "ORIGIN_CLUSTER_LABEL",
     "PEER_NODE",
     "TRUST_ORDER",

@@ -23,6 +23,8 @@ ModelName = NewType("ModelName", str)
 
 # RFC 1123 label: the names Kubernetes accepts for namespaces and most objects.
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# RFC 1123 subdomain: the names of most other objects (Secrets, PersistentVolumeClaims, ...).
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # Kubernetes resource quantity ("8", "500m", "32Gi", "1.5e9"), without a sign: never negative.
 QUANTITY_PATTERN = (
     r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"

@@ -30,6 +30,8 @@ ModelFormat = Literal["gguf", "safetensors"]
 
 # On a mirrored PeerNode: the member cluster it was mirrored from (= its spec.cluster).
 ORIGIN_CLUSTER_LABEL = "edgellm.io/origin-cluster"
+# On a Kubernetes Node: the operator keeps a PeerNode standing for it.
+NODE_PEER_LABEL = "edgellm.io/peer"
 
 # IPFS peer ids: base58 multihashes (Qm..., 12D3Koo...) or base36 CIDs (k51...).
 IPFS_PEER_ID_PATTERN = (

@@ -11,6 +11,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from edgellm.api._common import (
     API_VERSION,
+    DNS_SUBDOMAIN_PATTERN,
     Condition,
     Model,
     ModelName,
@@ -31,16 +32,28 @@ MODEL_PATH_PATTERN = r"^(/[A-Za-z0-9._@+=-]+)+$"
 NO_PARENT_SEGMENTS = "path may not contain '..' segments"
 MIN_NOT_ABOVE_MAX = "minReplicas must not exceed maxReplicas"
 VLLM_NEEDS_GPUS = "the vllm backend needs resources.gpus of at least 1"
+GENERATED_IS_GGUF = "generated models are GGUF files: they need the llamacpp backend"
+EXACTLY_ONE_SOURCE = "exactly one of path, persistentVolumeClaim or generated must be set"
+_NO_PARENT_RULE = "!self.path.contains('/../') && !self.path.endsWith('/..')"
+# The random-weight models `edgellm model` writes (worker/models.py's SHAPES).
+GeneratedModel = Literal["tiny-random", "bench-random"]
 
 
-class ModelSource(Model):
-    """Where the worker finds the model's weights."""
+def _no_parent_segments(path: str) -> str:
+    if ".." in path.split("/"):
+        raise ValueError(NO_PARENT_SEGMENTS)
+    return path
+
+
+class VolumeModel(Model):
+    """Weights on a PersistentVolumeClaim of the pool's namespace, mounted read-only."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "!self.path.contains('/../') && !self.path.endsWith('/..')",
+                    "!self.path.contains('/../') && !self.path.startsWith('../')"
+                    " && self.path != '..'",
                     NO_PARENT_SEGMENTS,
                     ".path",
                 )
@@ -48,16 +61,55 @@ class ModelSource(Model):
         }
     )
 
-    path: str = Field(pattern=MODEL_PATH_PATTERN, max_length=4096)
+    claim_name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """The PersistentVolumeClaim, in the pool's namespace, that holds the weights; its volume
+    must allow the pool's nodes to mount it (ReadOnlyMany or ReadWriteMany across nodes)."""
+    path: str = Field(pattern=r"^[A-Za-z0-9._@+=-]+(/[A-Za-z0-9._@+=-]+)*$", max_length=4096)
+    """The weights' path inside the volume: a GGUF file for llamacpp, a model directory for
+    vllm, e.g. models/qwen2.5-0.5b-instruct-q4_k_m.gguf."""
+
+    @model_validator(mode="after")
+    def _no_parent(self) -> Self:
+        _no_parent_segments(self.path)
+        return self
+
+
+class ModelSource(Model):
+    """Where the workers find the model's weights: exactly one of a path on every node, a
+    PersistentVolumeClaim, or a generated random-weight model."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "[has(self.path), has(self.persistentVolumeClaim), has(self.generated)]"
+                    ".filter(x, x).size() == 1",
+                    EXACTLY_ONE_SOURCE,
+                ),
+                cel(f"!has(self.path) || ({_NO_PARENT_RULE})", NO_PARENT_SEGMENTS, ".path"),
+            ]
+        }
+    )
+
+    path: str | None = Field(default=None, pattern=MODEL_PATH_PATTERN, max_length=4096)
     """Absolute path of the weights on the node: a GGUF file for llamacpp, a model directory
     for vllm. It is mounted read-only into the worker (a hostPath volume), so every node the
     pool may use must hold it there, e.g. written by `edgellm model tiny` or a shared mount.
     Namespaces that enforce the restricted Pod Security Standard refuse hostPath volumes."""
+    persistent_volume_claim: VolumeModel | None = None
+    """Weights on a PersistentVolumeClaim of the pool's namespace, mounted read-only; allowed
+    under the restricted Pod Security Standard."""
+    generated: GeneratedModel | None = None
+    """A random-weight model that each worker writes before it starts (`edgellm model`),
+    for demos and tests: tiny-random (under 1 MiB) or bench-random (~45 MiB). llamacpp only;
+    its output is noise, its timings and KV sizes are real."""
 
     @model_validator(mode="after")
-    def _no_parent_segments(self) -> Self:
-        if ".." in self.path.split("/"):
-            raise ValueError(NO_PARENT_SEGMENTS)
+    def _one_source(self) -> Self:
+        if [self.path, self.persistent_volume_claim, self.generated].count(None) != 2:
+            raise ValueError(EXACTLY_ONE_SOURCE)
+        if self.path is not None:
+            _no_parent_segments(self.path)
         return self
 
 
@@ -124,6 +176,11 @@ class WorkerPoolSpec(Model):
                     VLLM_NEEDS_GPUS,
                     ".backend",
                 ),
+                cel(
+                    "self.backend != 'vllm' || !has(self.source.generated)",
+                    GENERATED_IS_GGUF,
+                    ".source.generated",
+                ),
             ]
         }
     )
@@ -161,6 +218,8 @@ class WorkerPoolSpec(Model):
             raise ValueError(MIN_NOT_ABOVE_MAX)
         if self.backend == "vllm" and self.resources.gpus < 1:
             raise ValueError(VLLM_NEEDS_GPUS)
+        if self.backend == "vllm" and self.source.generated is not None:
+            raise ValueError(GENERATED_IS_GGUF)
         return self
 
 

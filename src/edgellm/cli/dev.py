@@ -29,6 +29,14 @@ def up(
     clusters: Annotated[int, typer.Option(min=1, max=9, help="How many clusters.")] = 1,
     workdir: WorkdirOption = DEFAULT_WORKDIR,
     timeout: Annotated[float, typer.Option(help="Seconds each cluster may take to start.")] = 300,
+    real_node: Annotated[
+        bool,
+        typer.Option(
+            help="Give the first cluster a real node (containerd, runc, kubelet, kube-proxy) whose"
+            " pods run, with the images `make images` built; KWOK's nodes are then tainted."
+            " Needs root.",
+        ),
+    ] = False,
     install: Annotated[
         bool,
         typer.Option(
@@ -38,10 +46,11 @@ def up(
     ] = True,
 ) -> None:
     """Start local clusters, each with its own etcd, kube-apiserver, controller manager,
-    scheduler and KWOK fake nodes (one with a GPU); print the kubeconfig's path."""
+    scheduler and KWOK fake nodes (one with a GPU), and optionally a real node; print the
+    kubeconfig's path."""
     federation = LocalFederation(workdir)
     with one_line_errors():
-        kubeconfig = federation.up(clusters, timeout, progress=typer.echo)
+        kubeconfig = federation.up(clusters, timeout, progress=typer.echo, real_node=real_node)
         if install:
             definitions = [custom_resource_definition(k) for k in KINDS]
             for cluster in federation.clusters:

@@ -13,6 +13,7 @@ from edgellm.cli._common import (
 )
 from edgellm.operator.app import run
 from edgellm.operator.settings import OperatorSettings
+from edgellm.operator.workerpools import DEFAULT_IMAGE as DEFAULT_WORKER_IMAGE
 
 
 def run_operator(
@@ -28,8 +29,15 @@ def run_operator(
         float, typer.Option(help="Seconds between probes and mirror syncs of each member.")
     ] = 5.0,
     pool_interval: Annotated[
-        float, typer.Option(help="Seconds between sizings of every WorkerPool to its demand.")
+        float,
+        typer.Option(
+            help="Seconds between sizings of every WorkerPool to its demand (and heartbeats of"
+            " its workers' peers)."
+        ),
     ] = 5.0,
+    worker_image: Annotated[
+        str, typer.Option(help="Image of the WorkerPools' workers that name none.")
+    ] = DEFAULT_WORKER_IMAGE,
     inline_output_limit: Annotated[
         int,
         typer.Option(help="Bytes of output kept in a request's status; more go to a ConfigMap."),
@@ -72,6 +80,7 @@ def run_operator(
             peer_removal_grace_seconds=peer_removal_grace,
             sync_interval_seconds=sync_interval,
             pool_interval_seconds=pool_interval,
+            worker_image=worker_image,
             inline_output_limit_bytes=inline_output_limit,
             kv_hash_seed=kv_hash_seed,
             scheduler_profile=profile,

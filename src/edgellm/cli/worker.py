@@ -150,6 +150,14 @@ def run_worker(
         str | None,
         typer.Option(help="With --rpc-servers: layers this process keeps, then each server's."),
     ] = None,
+    drain_timeout: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="On SIGTERM or Ctrl-C: seconds to finish the generations running, taking no new"
+            " ones, before they are cut off (a scheduler resumes those elsewhere).",
+        ),
+    ] = 30,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a model over OpenAI's API (completions and chat, whole or streamed), with
@@ -219,7 +227,13 @@ def run_worker(
         served = engine
     app = create_app(served, name or model.stem, metrics=metrics)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="info" if verbose else "warning",
+            timeout_graceful_shutdown=drain_timeout,
+        )
     finally:
         if events is not None:
             events.publisher.close()

@@ -1,19 +1,18 @@
 """One local Kubernetes control plane made of real processes on loopback.
 
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the KWOK controller (which plays
-the kubelets of a few fake nodes, one with a GPU). Every component has its own certificate
-identity and RBAC applies. The processes run in their own sessions, so they outlive
-`edgellm dev up`; their pids and ports are kept in `<root>/cluster.json` for `edgellm dev down`.
-Called by `federation.py` (several clusters) and, through it, by the CLI and the e2e fixtures.
+the kubelets of a few fake nodes, one with a GPU), and, when asked, a real node whose pods run
+(`node.py`). Every component has its own certificate identity and RBAC applies. The processes
+run in their own sessions, so they outlive `edgellm dev up`; their pids and ports are kept in
+`<root>/cluster.json` for `edgellm dev down`. Called by `federation.py` (several clusters) and,
+through it, by the CLI and the e2e fixtures.
 """
 
 import base64
 import os
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,15 +24,17 @@ import yaml
 from kubernetes import client
 from pydantic import BaseModel
 
+from edgellm.api import NODE_PEER_LABEL
 from edgellm.dev import pki
 from edgellm.dev.errors import ClusterStateError, ComponentFailedError, StartCancelledError
+from edgellm.dev.node import FAKE_NODE_TAINT, NODE_COMPONENTS, NodeNetwork, RealNode
+from edgellm.dev.processes import alive, rss_kib, runs, spawn, terminate
 from edgellm.dev.tools import tool
 from edgellm.kube import api_client
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 SERVICE_CIDR = "10.96.0.0/16"
 KWOK_NODE_ANNOTATION = {"kwok.x-k8s.io/node": "fake"}
-STOP_GRACE_SECONDS = 10.0
 
 
 class ClusterState(BaseModel):
@@ -42,6 +43,8 @@ class ClusterState(BaseModel):
     name: str
     ports: dict[str, int]
     pids: dict[str, int] = {}
+    node: NodeNetwork | None = None
+    """The real node's network, when the cluster has one."""
 
 
 def free_port() -> int:
@@ -66,7 +69,7 @@ class FakeNode:
             "kubernetes.io/hostname": self.name,
             "kubernetes.io/os": "linux",
             "kubernetes.io/arch": "amd64",
-            "edgellm.io/peer": "true",
+            NODE_PEER_LABEL: "true",
         }
         allocatable = {"cpu": self.cpu, "memory": self.memory, "pods": "110"}
         if self.gpus:
@@ -141,10 +144,15 @@ class LocalCluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.load_state().ports['kube-apiserver']}"
+        return _server(self.load_state())
 
     def log(self, component: str) -> Path:
         return self.log_dir / f"{component}.log"
+
+    def real_node(self, state: ClusterState | None = None) -> RealNode | None:
+        """The cluster's real node, if it was started with one."""
+        network = (state or self.load_state()).node
+        return None if network is None else RealNode(self.name, self.root / "node", network)
 
     # --- bring-up --------------------------------------------------------------------------
 
@@ -153,8 +161,11 @@ class LocalCluster:
         timeout: float,
         cancelled: Callable[[], bool] = lambda: False,
         progress: Callable[[str], None] = lambda _: None,
+        real_node: bool = False,
     ) -> None:
-        """Starts every component from fresh data and waits until the fake nodes are Ready.
+        """Starts every component from fresh data and waits until the nodes are Ready; with
+        `real_node`, a real node too, beside which KWOK's fake nodes are tainted (pods go to the
+        real one unless they tolerate `kwok.x-k8s.io/node=fake`) and are not peers.
 
         On any failure the components already started are stopped and the error says which
         component failed and where its log is."""
@@ -164,28 +175,65 @@ class LocalCluster:
         state = ClusterState(
             name=self.name,
             ports={c: free_port() for c in (*COMPONENTS, "etcd-peer")},
+            node=NodeNetwork.allocate() if real_node else None,
         )
         self._save_state(state)
-        self._write_pki()
         started = time.monotonic()
         deadline = started + timeout
         try:
+            node = self.real_node(state)
+            if node is not None:  # the kube-apiserver listens on the node's link
+                node.network.create()
+            self._write_pki(state)
             for component in COMPONENTS:
                 self._start(component, state)
                 self._wait_healthy(component, state, deadline, cancelled)
                 progress(f"{self.name}: {component} ready ({time.monotonic() - started:.1f}s)")
-            self._create_nodes()
-            self._wait_nodes_ready(deadline, cancelled)
+            fake = [n.name for n in default_nodes(self.name)]
+            self._create_nodes(beside_real_node=node is not None)
+            self._wait_nodes_ready(fake, deadline, cancelled)
             progress(f"{self.name}: fake nodes Ready ({time.monotonic() - started:.1f}s)")
+            if node is not None:
+                self._start_node(node, state, deadline, cancelled, progress)
+                self._wait_nodes_ready([node.name], deadline, cancelled)
+                progress(f"{self.name}: {node.name} Ready ({time.monotonic() - started:.1f}s)")
         except BaseException:
             self.down()
             raise
 
-    def _write_pki(self) -> None:
+    def _start_node(
+        self,
+        node: RealNode,
+        state: ClusterState,
+        deadline: float,
+        cancelled: Callable[[], bool],
+        progress: Callable[[str], None],
+    ) -> None:
+        node.write_config(
+            {c: self.kubeconfig(c, _server(state)) for c in ("kubelet", "kube-proxy")},
+            self.pki_dir,
+        )
+        node.prepare_cgroups()
+        for component in NODE_COMPONENTS:
+            self._start(component, state)
+            self._wait_healthy(component, state, deadline, cancelled)
+            if component == "containerd":
+                images = node.import_images()
+                progress(f"{self.name}: images imported into the node: {', '.join(images)}")
+
+    def _write_pki(self, state: ClusterState) -> None:
         ca = pki.CertificateAuthority(f"edgellm-dev-{self.name}")
         pki.write_pair(ca.pair, self.pki_dir, "ca")
         pki.write_pair(pki.service_account_key(), self.pki_dir, "sa")
-        serving = ("127.0.0.1", "localhost", "kubernetes", "kubernetes.default.svc", "10.96.0.1")
+        serving: tuple[str, ...] = (
+            "127.0.0.1",
+            "localhost",
+            "kubernetes",
+            "kubernetes.default.svc",
+            "10.96.0.1",
+        )
+        if state.node is not None:
+            serving += (state.node.host_address,)
         pki.write_pair(ca.issue("kube-apiserver", server_names=serving), self.pki_dir, "apiserver")
         for component in ("kube-controller-manager", "kube-scheduler"):
             pki.write_pair(
@@ -201,7 +249,21 @@ class LocalCluster:
             "kube-scheduler": ("system:kube-scheduler", ()),
             # KWOK stands in for every kubelet and node lifecycle; it needs cluster-wide writes.
             "kwok": ("kwok-controller", ("system:masters",)),
+            # The kube-apiserver's identity towards kubelets (logs, exec, port-forward).
+            "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", ("system:masters",)),
         }
+        if state.node is not None:
+            node = self.real_node(state)
+            assert node is not None
+            # The Node authorizer knows kubelets by this name and group; kube-proxy's user is
+            # bound to system:node-proxier by the kube-apiserver's default RBAC.
+            identities["kubelet"] = (f"system:node:{node.name}", ("system:nodes",))
+            identities["kube-proxy"] = ("system:kube-proxy", ())
+            pki.write_pair(
+                ca.issue(node.name, server_names=(state.node.node_address, node.name)),
+                self.pki_dir,
+                "kubelet-serving",
+            )
         for user, (common_name, groups) in identities.items():
             pair = ca.issue(common_name, groups)
             pki.write_pair(pair, self.pki_dir, user)
@@ -244,8 +306,7 @@ class LocalCluster:
 
     def _kubeconfig_file(self, user: str, state: ClusterState) -> Path:
         path = self.root / f"{user}.kubeconfig"
-        server = f"https://127.0.0.1:{state.ports['kube-apiserver']}"
-        path.write_text(yaml.safe_dump(self.kubeconfig(user, server)))
+        path.write_text(yaml.safe_dump(self.kubeconfig(user, _server(state))))
         path.chmod(0o600)
         return path
 
@@ -272,8 +333,6 @@ class LocalCluster:
             return [
                 str(tool("kube-apiserver")),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
                 f"--secure-port={p['kube-apiserver']}",
                 f"--tls-cert-file={d / 'apiserver.crt'}",
                 f"--tls-private-key-file={d / 'apiserver.key'}",
@@ -284,9 +343,12 @@ class LocalCluster:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--authorization-mode=Node,RBAC",
                 "--allow-privileged=true",
-                # Endpoints may not hold loopback addresses, and nothing routes to this one.
-                "--endpoint-reconciler-type=none",
+                f"--kubelet-client-certificate={d / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={d / 'apiserver-kubelet-client.key'}",
+                f"--kubelet-certificate-authority={d / 'ca.crt'}",
+                "--kubelet-preferred-address-types=InternalIP",
                 "--profiling=false",
+                *_listen_flags(state),
             ]
         if component in ("kube-controller-manager", "kube-scheduler"):
             kubeconfig = self._kubeconfig_file(component, state)
@@ -321,33 +383,37 @@ class LocalCluster:
                 f"--server-address=127.0.0.1:{p['kwok']}",
                 "--node-lease-duration-seconds=40",
             ]
+        node = self.real_node(state)
+        if component in NODE_COMPONENTS and node is not None:
+            return node.command(component)
         raise ValueError(f"unknown component {component}")
 
     def _start(self, component: str, state: ClusterState) -> None:
-        command = self._command(component, state)
-        with self.log(component).open("ab") as log:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.root,
-                # Its own session: Ctrl-C on `dev up` does not reach it, and it outlives us.
-                start_new_session=True,
-                env={**os.environ, "HOME": str(self.root)},
-            )
-        state.pids[component] = process.pid
+        # containerd looks its runc shim up on the PATH.
+        path = f"{tool('kube-apiserver').parent}:{os.environ.get('PATH', '')}"
+        env = {**os.environ, "HOME": str(self.root), "PATH": path}
+        state.pids[component] = spawn(
+            self._command(component, state), self.log(component), self.root, env
+        )
         self._save_state(state)
 
-    def _health_url(self, component: str, state: ClusterState) -> str:
+    def _healthy(self, component: str, state: ClusterState, http: httpx.Client) -> bool:
+        node = self.real_node(state)
+        if component in NODE_COMPONENTS and node is not None:
+            return node.healthy(component)
         port = state.ports[component]
         if component == "etcd":
-            return f"http://127.0.0.1:{port}/health"
-        if component == "kwok":
-            return f"http://127.0.0.1:{port}/healthz"
-        return (
-            f"https://127.0.0.1:{port}/{'readyz' if component == 'kube-apiserver' else 'healthz'}"
-        )
+            url = f"http://127.0.0.1:{port}/health"
+        elif component == "kwok":
+            url = f"http://127.0.0.1:{port}/healthz"
+        elif component == "kube-apiserver":
+            url = f"{_server(state)}/readyz"
+        else:
+            url = f"https://127.0.0.1:{port}/healthz"
+        try:
+            return http.get(url).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def client_ssl_context(self, user: str = "admin") -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.pki_dir / "ca.crt")
@@ -357,79 +423,87 @@ class LocalCluster:
     def _wait_healthy(
         self, component: str, state: ClusterState, deadline: float, cancelled: Callable[[], bool]
     ) -> None:
-        url = self._health_url(component, state)
         pid = state.pids[component]
-        with httpx.Client(verify=self.client_ssl_context(), timeout=2.0) as client:
-            while True:
+        with httpx.Client(verify=self.client_ssl_context(), timeout=2.0) as http:
+            while not self._healthy(component, state, http):
                 if cancelled():
                     raise StartCancelledError(f"{self.name}: start of {component} was cancelled")
-                if not _alive(pid):
+                if not alive(pid):  # our own child, just started: no other program's pid
                     raise ComponentFailedError(
                         self.name, component, "exited during start", self.log(component)
                     )
-                try:
-                    if client.get(url).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
                 if time.monotonic() > deadline:
                     raise ComponentFailedError(
-                        self.name,
-                        component,
-                        f"was not healthy at {url} in time",
-                        self.log(component),
+                        self.name, component, "was not healthy in time", self.log(component)
                     )
                 time.sleep(0.2)
 
-    def _create_nodes(self) -> None:
+    def _create_nodes(self, beside_real_node: bool) -> None:
         with api_client(self.kubeconfig("admin")) as api:
             core = client.CoreV1Api(api)
             for node in default_nodes(self.name):
-                core.create_node(node.manifest())
+                manifest = node.manifest()
+                if beside_real_node:  # pods and peers are the real node's, as in a home lab
+                    manifest["spec"]["taints"] = [FAKE_NODE_TAINT]
+                    del manifest["metadata"]["labels"][NODE_PEER_LABEL]
+                core.create_node(manifest)
 
-    def _wait_nodes_ready(self, deadline: float, cancelled: Callable[[], bool]) -> None:
+    def _wait_nodes_ready(
+        self, names: list[str], deadline: float, cancelled: Callable[[], bool]
+    ) -> None:
         with api_client(self.kubeconfig("admin")) as api:
             core = client.CoreV1Api(api)
             while True:
-                nodes = core.list_node().items
-                ready = [
-                    n
-                    for n in nodes
+                ready = {
+                    n.metadata.name
+                    for n in core.list_node().items
                     if any(
                         c.type == "Ready" and c.status == "True" for c in n.status.conditions or []
                     )
-                ]
-                if nodes and len(ready) == len(nodes):
+                }
+                waiting = sorted(set(names) - ready)
+                if not waiting:
                     return
                 if cancelled():
                     raise StartCancelledError(f"{self.name}: start was cancelled")
                 if time.monotonic() > deadline:
+                    real = self.real_node()
+                    component = "kubelet" if real and real.name in waiting else "kwok"
                     raise ComponentFailedError(
                         self.name,
-                        "kwok",
-                        "did not make the fake nodes Ready in time",
-                        self.log("kwok"),
+                        component,
+                        f"did not make {', '.join(waiting)} Ready in time",
+                        self.log(component),
                     )
                 time.sleep(0.3)
 
     # --- teardown --------------------------------------------------------------------------
 
     def down(self) -> None:
-        """Stops every component still running, the last started first."""
+        """Stops every component still running, the last started first; a real node's pods
+        are removed and its network, mounts and cgroups cleaned up."""
         try:
             state = self.load_state()
         except ClusterStateError:
             return
+        node = self.real_node(state)
+        if node is not None:
+            self._stop(state, "kubelet")
+            node.remove_pods()
+            for component in ("kube-proxy", "containerd"):
+                self._stop(state, component)
+            node.clean_up()
         for component in reversed(COMPONENTS):
-            pid = state.pids.get(component)
-            if pid is not None and _is_component(pid, component):
-                _terminate(pid)
+            self._stop(state, component)
+
+    def _stop(self, state: ClusterState, component: str) -> None:
+        pid = state.pids.get(component)
+        if pid is not None and runs(pid, component):
+            terminate(pid)
 
     def stop_component(self, component: str) -> None:
         """Stops one component, as a crash or a partition would (fault tests use this)."""
-        pid = self.load_state().pids[component]
-        if _is_component(pid, component):
-            _terminate(pid)
+        self._stop(self.load_state(), component)
 
     def start_component(self, component: str, timeout: float = 120.0) -> None:
         """Starts a stopped component again, on the same port and data."""
@@ -439,69 +513,27 @@ class LocalCluster:
 
     def running_pids(self) -> dict[str, int]:
         state = self.load_state()
-        return {c: pid for c, pid in state.pids.items() if _is_component(pid, c)}
+        return {c: pid for c, pid in state.pids.items() if runs(pid, c)}
 
     def memory_mib(self) -> dict[str, float]:
         """Resident memory of each running component, in MiB."""
-        return {c: _rss_kib(pid) / 1024 for c, pid in self.running_pids().items()}
+        return {c: rss_kib(pid) / 1024 for c, pid in self.running_pids().items()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child (started by an earlier `dev up`): ask the kernel instead
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not _is_zombie(pid)
+def _server(state: ClusterState) -> str:
+    """The kube-apiserver's URL: loopback, or this machine's end of the real node's link."""
+    host = "127.0.0.1" if state.node is None else state.node.host_address
+    return f"https://{host}:{state.ports['kube-apiserver']}"
 
 
-def process_usage(pid: int) -> tuple[float, float]:
-    """(resident memory in MiB, CPU seconds so far) of a process, for benchmarks' figures."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return _rss_kib(pid) / 1024, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _is_component(pid: int, component: str) -> bool:
-    """Guards against pid reuse: only signal a process that still runs the component's binary."""
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
-    except OSError:
-        return False
-    return Path(argv0).name == component and _alive(pid)
-
-
-def _terminate(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    while _alive(pid):
-        time.sleep(0.05)
+def _listen_flags(state: ClusterState) -> list[str]:
+    if state.node is None:
+        # Endpoints may not hold loopback addresses, and nothing routes to this one.
+        return [
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            "--endpoint-reconciler-type=none",
+        ]
+    # Pods reach it through the `kubernetes` Service, whose endpoint is this address.
+    address = state.node.host_address
+    return [f"--bind-address={address}", f"--advertise-address={address}"]

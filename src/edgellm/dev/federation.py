@@ -5,6 +5,7 @@ component of any cluster fails, or the user presses Ctrl-C, every process alread
 stopped before the error is raised, so nothing is left behind.
 """
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -55,10 +56,19 @@ class LocalFederation:
         except ClusterStateError:
             return False
 
-    def up(self, count: int, timeout: float = 300.0, progress: Progress = print) -> Path:
-        """Starts `count` clusters and returns the path of the kubeconfig with one context each."""
+    def up(
+        self,
+        count: int,
+        timeout: float = 300.0,
+        progress: Progress = print,
+        real_node: bool = False,
+    ) -> Path:
+        """Starts `count` clusters and returns the path of the kubeconfig with one context each;
+        with `real_node`, the first cluster gets a real node (`node.py`) beside its fake ones."""
         if count < 1:
             raise DevError("--clusters must be at least 1")
+        if real_node and os.geteuid() != 0:
+            raise DevError("a real node needs root: network namespaces, cgroups and mounts")
         if self.is_running():
             raise DevError(f"local clusters already run in {self.workdir}: run `edgellm dev down`")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +79,8 @@ class LocalFederation:
 
         def start(cluster: LocalCluster) -> None:
             try:
-                cluster.up(timeout, cancelled=cancel.is_set, progress=progress)
+                with_node = real_node and cluster is clusters[0]
+                cluster.up(timeout, cancelled=cancel.is_set, progress=progress, real_node=with_node)
             except BaseException:
                 cancel.set()
                 raise

@@ -25,9 +25,9 @@ import httpx
 
 from edgellm.dev.cluster import free_port
 from edgellm.dev.errors import ComponentFailedError
+from edgellm.dev.processes import STOP_GRACE_SECONDS
 from edgellm.dev.tools import tool
 
-STOP_GRACE_SECONDS = 10.0
 _POLL_SECONDS = 0.1
 
 

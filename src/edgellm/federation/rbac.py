@@ -142,8 +142,14 @@ def worker_pools_manifests() -> list[dict[str, Any]]:
             # Check a Deployment of the pool's name is the pool's own, then server-side apply it
             # (apply creates or patches). No delete: the garbage collector follows the owner.
             _rule("apps", ["deployments"], ["get", "create", "patch"]),
-            # Why workers are not ready: the scheduler's PodScheduled condition on the pods.
+            # Why workers are not ready (the scheduler's PodScheduled condition on the pods), and
+            # the worker pods to register as peers (their address, readiness, deletion).
             _rule("", ["pods"], ["list"]),
+            # The GPUs of a worker's node, as NVIDIA's feature discovery labels describe them.
+            _rule("", ["nodes"], ["list"]),
+            # Worker pods' PeerNodes: server-side applied, heartbeated, deleted with their pod.
+            _rule("edgellm.io", ["peernodes"], ["list", "create", "patch", "delete"]),
+            _rule("edgellm.io", ["peernodes/status"], ["patch"]),
             # Events on the pools for `kubectl describe`.
             _rule("", ["events"], ["create"]),
         ],

@@ -17,12 +17,18 @@ from kopf._core.engines.peering import Identity  # the type of kopf's `identity`
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
-from edgellm.api import GROUP, INFERENCE_REQUEST, PEER_NODE, VERSION, WORKER_POOL
+from edgellm.api import (
+    GROUP,
+    INFERENCE_REQUEST,
+    NODE_PEER_LABEL,
+    PEER_NODE,
+    VERSION,
+    WORKER_POOL,
+)
 from edgellm.api.inferencerequest import TERMINAL_PHASES
 from edgellm.kube import new_api_client
 from edgellm.operator.leadership import Leadership, Replica
 from edgellm.operator.metrics import OperatorMetrics
-from edgellm.operator.nodepeers import NODE_PEER_LABEL
 from edgellm.operator.poolreconciler import PoolReconciler
 from edgellm.operator.runtime import Runtime
 from edgellm.operator.settings import OperatorSettings
@@ -43,7 +49,10 @@ def build_registry(
         # A fresh registry has none of kopf's implicit login handlers: KUBECONFIG, else the pod's.
         if os.environ.get("KUBECONFIG"):
             return kopf.login_with_kubeconfig(**kwargs)
-        return kopf.login_with_service_account(**kwargs)
+        # In a pod, the official client's in-cluster login, as `_local_client` uses: it finds the
+        # kube-apiserver as every Kubernetes client does (KUBERNETES_SERVICE_HOST), where kopf's
+        # own service-account login needs cluster DNS for kubernetes.default.svc.
+        return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(registry=registry)
     async def start(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -52,7 +61,11 @@ def build_registry(
         settings.peering.lifetime = operator_settings.peering_lifetime_seconds
         memo[RUNTIME] = runtime = Runtime(operator_settings, _local_client(), metrics)
         memo[POOLS] = pools = PoolReconciler(
-            runtime.local, runtime.events, operator_settings.pool_interval_seconds
+            local=runtime.local,
+            cluster=operator_settings.cluster,
+            events=runtime.events,
+            interval_seconds=operator_settings.pool_interval_seconds,
+            image=operator_settings.worker_image,
         )
 
         async def lead(leading: bool) -> None:

@@ -11,7 +11,6 @@ from typing import Any
 
 from edgellm.api import API_VERSION, ORIGIN_CLUSTER_LABEL
 
-NODE_PEER_LABEL = "edgellm.io/peer"
 ENDPOINT_ANNOTATION = "edgellm.io/endpoint"
 ROLES_ANNOTATION = "edgellm.io/roles"
 MODELS_ANNOTATION = "edgellm.io/models"
@@ -33,23 +32,28 @@ def _address(node: dict[str, Any]) -> str:
     return str(internal[0] if internal else node["metadata"]["name"])
 
 
+def gpu_accelerators(labels: dict[str, str], count: int) -> list[dict[str, Any]]:
+    """`count` NVIDIA GPUs as a peer's accelerators, described by the labels NVIDIA's GPU
+    feature discovery puts on their Node."""
+    if not count:
+        return []
+    return [
+        {
+            "vendor": "nvidia",
+            "model": labels.get("nvidia.com/gpu.product", "NVIDIA-GPU"),
+            "memory": f"{labels.get('nvidia.com/gpu.memory', '0')}Mi",
+            "count": count,
+        }
+    ]
+
+
 def peer_for_node(node: dict[str, Any], cluster: str) -> dict[str, Any]:
     metadata = node["metadata"]
     labels = metadata.get("labels", {})
     annotations = metadata.get("annotations", {})
     allocatable = node.get("status", {}).get("allocatable", {})
     gpus = int(allocatable.get("nvidia.com/gpu", "0"))
-    accelerators = []
-    if gpus:
-        memory_mib = labels.get("nvidia.com/gpu.memory", "0")
-        accelerators.append(
-            {
-                "vendor": "nvidia",
-                "model": labels.get("nvidia.com/gpu.product", "NVIDIA-GPU"),
-                "memory": f"{memory_mib}Mi",
-                "count": gpus,
-            }
-        )
+    accelerators = gpu_accelerators(labels, gpus)
     endpoint = annotations.get(ENDPOINT_ANNOTATION) or f"http://{_address(node)}:{WORKER_PORT}"
     return {
         "apiVersion": API_VERSION,

@@ -1,27 +1,33 @@
-"""The operator's worker-pool loop: every WorkerPool gets its Deployment, sized by demand.
+"""The operator's worker-pool loop: every WorkerPool gets its Deployment, sized by demand, and
+each of its worker pods a PeerNode.
 
 Started by the kopf startup handler (`app.py`), woken early by its WorkerPool watch when a pool
 is new or its spec changed, and otherwise run every `pool_interval_seconds`: demand changes as
 requests come and go, and pods become ready or stay unschedulable, without any event on the
-pool. One task does every reconciliation, so two never race for the same pool. Kubernetes calls
-use the sync client in a worker thread; the decisions are the plain functions of `workerpools`.
+pool. Each run also registers the pools' pods as peers, heartbeats the Ready ones with the load
+their worker reports, drains those being deleted and removes the peers of pods that are gone.
+One task does every reconciliation, so two never race for the same pool. Kubernetes calls use
+the sync client in a worker thread; the decisions are the plain functions of `workerpools` and
+`poolpeers`.
 """
 
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
+from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes import client
 from pydantic import ValidationError
 
-from edgellm.api import WorkerPool
+from edgellm.api import PeerLoad, PeerNode, WorkerPool
 from edgellm.api.workerpool import WorkerPoolStatus
 from edgellm.kube import APIError, NotFoundError, apply, objects, translated
-from edgellm.operator import workerpools
+from edgellm.operator import peerhealth, poolpeers, workerpools
 from edgellm.operator.events import EventRecorder
 from edgellm.operator.workerpools import PoolAssessment
+from edgellm.worker.registration import worker_load
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +38,15 @@ Body = dict[str, Any]
 class PoolReconciler:
     def __init__(
         self,
+        *,
         local: client.ApiClient,
+        cluster: str,
         events: EventRecorder,
         interval_seconds: float,
         image: str = workerpools.DEFAULT_IMAGE,
     ) -> None:
         self.local = local
+        self.cluster = cluster
         self.events = events
         self.interval_seconds = interval_seconds
         self.image = image
@@ -69,22 +78,33 @@ class PoolReconciler:
 
     def reconcile_all(self) -> None:
         pools = objects.list_objects(self.local, objects.WORKER_POOLS)
-        if not pools:
-            return
-        requests = objects.list_objects(self.local, objects.INFERENCE_REQUESTS)
-        demand = workerpools.demand_by_model(requests)
+        pods = self._pool_pods()
+        demand: Counter[tuple[str, str]] = Counter()
+        nodes: dict[str, Body] = {}
+        if pools:
+            requests = objects.list_objects(self.local, objects.INFERENCE_REQUESTS)
+            demand = workerpools.demand_by_model(requests)
+            nodes = self._nodes()
         for body in pools:
             metadata = body["metadata"]
             model = (body.get("spec") or {}).get("model", "")
+            own = pods.get((metadata["namespace"], metadata["name"]), [])
             try:
-                self.reconcile(body, demand.get((metadata["namespace"], model), 0))
+                self.reconcile(body, demand.get((metadata["namespace"], model), 0), own, nodes)
             except Exception:
                 logger.exception(
                     "reconciling worker pool %s/%s failed", metadata["namespace"], metadata["name"]
                 )
+        live = {
+            (pod["metadata"]["namespace"], pod["metadata"]["name"])
+            for group in pods.values()
+            for pod in group
+        }
+        self._remove_orphaned_peers(live)
 
-    def reconcile(self, body: Body, demand: int) -> None:
-        """Applies the pool's Deployment and writes the pool's status and Events."""
+    def reconcile(self, body: Body, demand: int, pods: list[Body], nodes: dict[str, Body]) -> None:
+        """Applies the pool's Deployment, registers its pods as peers, and writes the pool's
+        status and Events (the peers first: a pool that says Available can be scheduled onto)."""
         now = datetime.now(UTC)
         metadata = body["metadata"]
         try:
@@ -94,10 +114,14 @@ class PoolReconciler:
             generation = metadata.get("generation")
             self._report(body, previous, _blocked(previous, generation, "InvalidSpec", str(e), now))
             return
-        assessment = self._assess(pool, demand, now)
+        assessment = self._assess(pool, demand, pods, now)
+        if not assessment.blocked:
+            self._register_workers(pool, pods, nodes, now)
         self._report(body, pool.status, assessment)
 
-    def _assess(self, pool: WorkerPool, demand: int, now: datetime) -> PoolAssessment:
+    def _assess(
+        self, pool: WorkerPool, demand: int, pods: list[Body], now: datetime
+    ) -> PoolAssessment:
         name, namespace = pool.metadata.name, pool.metadata.namespace or "default"
         generation = pool.metadata.generation
         if len(name) > workerpools.MAX_POOL_NAME:
@@ -110,12 +134,66 @@ class PoolReconciler:
         desired = workerpools.desired_replicas(pool, demand)
         manifest = workerpools.deployment(pool, desired, self.image)
         (applied,) = apply(self.local, [manifest], manager=FIELD_MANAGER)
-        pods = client.CoreV1Api(self.local).list_namespaced_pod(
-            namespace, label_selector=f"{workerpools.POOL_LABEL}={name}"
+        return workerpools.pool_status(pool, demand, applied, pods, now)
+
+    def _pool_pods(self) -> dict[tuple[str, str], list[Body]]:
+        """Every pool's worker pods, by (namespace, pool name): one list for all pools."""
+        listed = client.CoreV1Api(self.local).list_pod_for_all_namespaces(
+            label_selector=workerpools.POOL_LABEL
         )
-        return workerpools.pool_status(
-            pool, demand, applied, self.local.sanitize_for_serialization(pods)["items"], now
+        pods: dict[tuple[str, str], list[Body]] = {}
+        for pod in self.local.sanitize_for_serialization(listed)["items"]:
+            metadata = pod["metadata"]
+            key = (metadata["namespace"], metadata["labels"][workerpools.POOL_LABEL])
+            pods.setdefault(key, []).append(pod)
+        return pods
+
+    def _nodes(self) -> dict[str, Body]:
+        """Each Node's metadata: its labels describe its GPUs."""
+        listed = client.CoreV1Api(self.local).list_node()
+        return {
+            node["metadata"]["name"]: node["metadata"]
+            for node in self.local.sanitize_for_serialization(listed)["items"]
+        }
+
+    def _register_workers(
+        self, pool: WorkerPool, pods: list[Body], nodes: dict[str, Body], now: datetime
+    ) -> None:
+        """Applies the PeerNode of each of the pool's pods that has an address, and heartbeats
+        the Ready ones with the load their worker reports. A heartbeat also sets the peer's
+        conditions, as the health loop would at its next pass: a ready pod is a Ready peer now."""
+        for pod in pods:
+            node = nodes.get((pod.get("spec") or {}).get("nodeName", ""), {})
+            if poolpeers.SIMULATED_NODE_ANNOTATION in (node.get("annotations") or {}):
+                continue  # KWOK plays this pod: no worker answers at its address
+            desired = poolpeers.peer_for_pod(pod, pool, self.cluster, node.get("labels") or {})
+            if desired is None:
+                continue
+            (applied,) = apply(self.local, [desired], manager=FIELD_MANAGER)
+            if workerpools.pod_ready(pod):
+                self._heartbeat(applied, worker_load(desired["spec"]["endpoint"]), now)
+
+    def _heartbeat(self, body: Body, load: PeerLoad, now: datetime) -> None:
+        peer = PeerNode.model_validate(body)
+        peer.status.last_heartbeat_time = now
+        peer.status.load = load
+        created = datetime.fromisoformat(body["metadata"]["creationTimestamp"])
+        verdict = peerhealth.assess(peer, now, created, removal_grace=timedelta(0))
+        for transition in verdict.transitions:
+            self.events.record(body, transition.type, transition.reason, transition.message)
+        peer.status.conditions = verdict.conditions
+        peer.status.observed_generation = peer.metadata.generation
+        name, status = body["metadata"]["name"], peer.status.to_wire()
+        objects.patch_status(self.local, objects.PEER_NODES, name, status)
+
+    def _remove_orphaned_peers(self, pods: set[tuple[str, str]]) -> None:
+        peers = objects.list_objects(
+            self.local, objects.PEER_NODES, label_selector=poolpeers.POD_LABEL
         )
+        for name in poolpeers.orphaned_peers(peers, self.cluster, pods):
+            logger.info("removing peer %s: its worker pod is gone", name)
+            with contextlib.suppress(NotFoundError):  # removed meanwhile
+                objects.delete(self.local, objects.PEER_NODES, name)
 
     def _read_deployment(self, namespace: str, name: str) -> Body | None:
         try:

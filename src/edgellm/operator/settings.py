@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from edgellm.operator.workerpools import DEFAULT_IMAGE as DEFAULT_WORKER_IMAGE
 from edgellm.scheduling import ProfileConfig
 
 
@@ -32,7 +33,10 @@ class OperatorSettings(BaseModel):
     scheduler_profile: ProfileConfig | None = None
     """The scheduling plugins and weights; None for the default profile."""
     pool_interval_seconds: float = Field(default=5.0, gt=0)
-    """How often every WorkerPool is sized to its demand and its workers' state read."""
+    """How often every WorkerPool is sized to its demand, its workers' state read, and its
+    worker pods registered and heartbeated as peers."""
+    worker_image: str = Field(default=DEFAULT_WORKER_IMAGE, min_length=1)
+    """The image of pools' workers that name none in their spec."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 turns it off."""
     peering: str | None = Field(

@@ -27,6 +27,12 @@ BACKEND_LABEL = "edgellm.io/backend"
 MODEL_ANNOTATION = "edgellm.io/model"  # model names may be longer than a label value allows
 GPU_RESOURCE = "nvidia.com/gpu"
 MODEL_DIR = "/models"
+# `edgellm model <command>` writes each generated model.
+GENERATE_COMMANDS = {"tiny-random": "tiny", "bench-random": "bench"}
+# A worker told to stop (SIGTERM) takes no new requests and finishes those it has for this long;
+# the pod's grace period leaves it time to exit before the kubelet kills it.
+DRAIN_SECONDS = 25
+TERMINATION_GRACE_SECONDS = DRAIN_SECONDS + 5
 # The UID distroless and many slim images call `nonroot`; runAsNonRoot needs a numeric one.
 WORKER_UID = 65532
 # A label value holds at most 63 characters, and every worker pod is labelled with the pool.
@@ -129,6 +135,7 @@ def _command(pool: WorkerPool, model_path: str) -> list[str]:
         f"--name={spec.model}",
         "--host=0.0.0.0",
         f"--port={WORKER_PORT}",
+        f"--drain-timeout={DRAIN_SECONDS}",
     ]
     if spec.backend == "llamacpp":
         # As many threads as cores requested: more would only be throttled.
@@ -165,24 +172,69 @@ def _probe(period: int, failures: int) -> Body:
     }
 
 
+_RESTRICTED_CONTAINER: Body = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@dataclass(frozen=True)
+class ModelMount:
+    """How the weights reach a worker: the path it loads, its volume and mount, and the init
+    container that writes them first, if any."""
+
+    path: str
+    volume: Body
+    mount: Body
+    init: Body | None = None
+
+
+def model_mount(pool: WorkerPool, image: str) -> ModelMount:
+    source = pool.spec.source
+    if source.path is not None:  # one file (or model folder) on the node, mounted as itself
+        path = f"{MODEL_DIR}/{source.path.rsplit('/', 1)[-1]}"
+        kind = "Directory" if pool.spec.backend == "vllm" else "File"
+        return ModelMount(
+            path,
+            {"name": "model", "hostPath": {"path": source.path, "type": kind}},
+            {"name": "model", "mountPath": path, "readOnly": True},
+        )
+    read_only = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
+    if source.persistent_volume_claim is not None:
+        claim = source.persistent_volume_claim
+        return ModelMount(
+            f"{MODEL_DIR}/{claim.path}",
+            {
+                "name": "model",
+                "persistentVolumeClaim": {"claimName": claim.claim_name, "readOnly": True},
+            },
+            read_only,
+        )
+    assert source.generated is not None  # the spec's validation guarantees one source
+    path = f"{MODEL_DIR}/{source.generated}.gguf"
+    init = {
+        "name": "model",
+        "image": pool.spec.image or image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["edgellm", "model", GENERATE_COMMANDS[source.generated], f"--out={path}"],
+        "resources": _resources(pool),
+        "securityContext": _RESTRICTED_CONTAINER,
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
+    }
+    return ModelMount(path, {"name": "model", "emptyDir": {}}, read_only, init)
+
+
 def deployment(pool: WorkerPool, replicas: int, image: str = DEFAULT_IMAGE) -> Body:
     """The apps/v1 Deployment that runs the pool's workers, for server-side apply."""
     spec = pool.spec
-    source = spec.source.path
-    model_path = f"{MODEL_DIR}/{source.rsplit('/', 1)[-1]}"
+    model = model_mount(pool, image)
     pool_labels = labels(pool)
-    mounts = [
-        {"name": "model", "mountPath": model_path, "readOnly": True},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
+    mounts = [model.mount, {"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[Body] = [
-        {
-            "name": "model",
-            "hostPath": {
-                "path": source,
-                "type": "Directory" if spec.backend == "vllm" else "File",
-            },
-        },
+        model.volume,
         # The root filesystem is read-only; the worker's caches go here (HOME points here).
         {"name": "tmp", "emptyDir": {}},
     ]
@@ -197,7 +249,7 @@ def deployment(pool: WorkerPool, replicas: int, image: str = DEFAULT_IMAGE) -> B
         "name": "worker",
         "image": spec.image or image,
         "imagePullPolicy": "IfNotPresent",
-        "command": _command(pool, model_path),
+        "command": _command(pool, model.path),
         "env": env,
         "ports": [{"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"}],
         "resources": _resources(pool),
@@ -205,13 +257,7 @@ def deployment(pool: WorkerPool, replicas: int, image: str = DEFAULT_IMAGE) -> B
         "startupProbe": _probe(period=5, failures=120),
         "readinessProbe": _probe(period=5, failures=2),
         "livenessProbe": _probe(period=10, failures=3),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _RESTRICTED_CONTAINER,
         "volumeMounts": mounts,
     }
     pod_spec: Body = {
@@ -224,10 +270,12 @@ def deployment(pool: WorkerPool, replicas: int, image: str = DEFAULT_IMAGE) -> B
             "runAsGroup": WORKER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [container],
         "volumes": volumes,
     }
+    if model.init is not None:
+        pod_spec["initContainers"] = [model.init]
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     tolerations = _tolerations(pool)
@@ -266,6 +314,19 @@ def deployment(pool: WorkerPool, replicas: int, image: str = DEFAULT_IMAGE) -> B
 class PoolAssessment:
     status: WorkerPoolStatus
     transitions: list[Transition] = field(default_factory=list)
+    blocked: bool = False  # the operator cannot run the pool's workers (blocked_status says why)
+
+
+def pod_ready(pod: Body) -> bool:
+    """Whether the kubelet's readiness probe (the worker's /healthz) passes."""
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+def pod_terminating(pod: Body) -> bool:
+    return bool(pod["metadata"].get("deletionTimestamp"))
 
 
 def _unschedulable(pods: list[Body]) -> list[str]:
@@ -349,6 +410,9 @@ def pool_status(
         )
 
     ready = status.ready_replicas
+    # Available counts the pods of this very listing, which the pool loop has just registered
+    # and heartbeated as peers: a pool that says Available can be scheduled onto.
+    serving = sum(1 for pod in pods if pod_ready(pod) and not pod_terminating(pod))
     unschedulable = _unschedulable(pods)
     failure = _deployment_condition(deployment or {}, "ReplicaFailure")
     progress = f"{ready} of {_workers(desired)} ready"
@@ -370,8 +434,8 @@ def pool_status(
     else:
         conditions.set("Scaled", "False", "WorkersStarting", progress)
 
-    if ready:
-        conditions.set("Available", "True", "WorkersReady", f"{_workers(ready)} ready")
+    if serving:
+        conditions.set("Available", "True", "WorkersReady", f"{_workers(serving)} ready")
     elif desired == 0:
         conditions.set(
             "Available", "False", "ScaledToZero", "no unfinished requests and minReplicas is 0"
@@ -395,4 +459,4 @@ def blocked_status(
     status.observed_generation = generation
     conditions = _Conditions(status, now, generation)
     conditions.set("Scaled", "False", reason, message)
-    return PoolAssessment(status, conditions.transitions)
+    return PoolAssessment(status, conditions.transitions, blocked=True)

@@ -1,0 +1,3 @@
+module edgellm.io/hack/pause
+
+go 1.26.0
