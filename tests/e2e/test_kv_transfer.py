@@ -104,6 +104,16 @@ def test_a_state_that_cannot_be_had_or_loaded_is_recomputed_and_counted(
         assert _transfers(decode_worker, "failed") == failed_before + 1, source
 
 
+def _streamed(worker: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunks of a streamed completion, [DONE] left out."""
+    with httpx.stream("POST", f"{worker}/v1/completions", json=body, timeout=60) as answer:
+        return [
+            json.loads(line.removeprefix("data: "))
+            for line in answer.iter_lines()
+            if line.startswith("data: {")
+        ]
+
+
 def test_the_stream_says_no_state_was_loaded(decode_worker: str) -> None:
     body = {
         **GREEDY,
@@ -112,12 +122,7 @@ def test_the_stream_says_no_state_was_loaded(decode_worker: str) -> None:
         "stream_options": {"include_usage": True},
         "kv_from": f"{decode_worker}/v1/kv/never-prefilled",
     }
-    with httpx.stream("POST", f"{decode_worker}/v1/completions", json=body, timeout=60) as answer:
-        events = [
-            json.loads(line.removeprefix("data: "))
-            for line in answer.iter_lines()
-            if line.startswith("data: {")
-        ]
+    events = _streamed(decode_worker, body)
     *_, finishing, summary = events
     assert finishing["choices"][0]["finish_reason"] == "length"
     assert summary["usage"]["completion_tokens"] == GREEDY["max_tokens"]
@@ -132,12 +137,7 @@ def test_the_stream_names_the_state_it_loaded(prefill_worker: str, decode_worker
         "stream": True,
         "kv_from": f"{prefill_worker}/v1/kv/streamed",
     }
-    with httpx.stream("POST", f"{decode_worker}/v1/completions", json=body, timeout=60) as answer:
-        events = [
-            json.loads(line.removeprefix("data: "))
-            for line in answer.iter_lines()
-            if line.startswith("data: {")
-        ]
+    events = _streamed(decode_worker, body)
     assert events[-1]["kv_transfer"]["source"] == "peer"
     assert events[-1]["choices"][0]["finish_reason"] == "length"
 

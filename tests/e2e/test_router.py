@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from kubernetes import client
 
 from edgellm.dev.federation import LocalFederation
-from edgellm.kube import api_client
+from edgellm.kube import api_client, objects
+from edgellm.kube.objects import PEER_NODES
 from edgellm.worker.models import TINY, write_model
 from tests.e2e.helpers import (
     OperatorProcess,
@@ -248,9 +249,9 @@ def test_fuzzed_request_bodies_never_get_a_5xx(
         assert set(answer.json()["error"]) >= {"message", "type"}
 
 
-def _served_by(router: Router, prompt: str) -> tuple[str, int]:
+def _served_by(router: Router, prompt: str, model: str = "tiny-random") -> tuple[str, int]:
     answer = router.client().completions.with_raw_response.create(
-        model="tiny-random", prompt=prompt, max_tokens=2, temperature=0
+        model=model, prompt=prompt, max_tokens=2, temperature=0
     )
     usage = answer.parse().usage
     assert usage is not None
@@ -311,54 +312,69 @@ def test_a_split_request_prefills_on_one_worker_and_decodes_on_another(router: R
     assert float(transfers.split()[-1]) >= 1
 
 
+def _drain(joined: LocalFederation, name: str, unschedulable: bool) -> None:
+    """Marks edge-1's peer `name` unschedulable, or no longer."""
+    with api_client(joined.clusters[0].kubeconfig("admin")) as api:
+        objects.patch(api, PEER_NODES, name, {"spec": {"unschedulable": unschedulable}})
+
+
 def test_a_drained_local_peer_leaves_its_requests_to_another_members_peer(
     router: Router, joined: LocalFederation
 ) -> None:
     local, remote = "edge-1-router-a", "edge-2-router-b"
-
-    def drain(unschedulable: bool) -> None:
-        with api_client(joined.clusters[0].kubeconfig("admin")) as api:
-            client.CustomObjectsApi(api).patch_cluster_custom_object(
-                "edgellm.io",
-                "v1alpha1",
-                "peernodes",
-                local,
-                {"spec": {"unschedulable": unschedulable}},
-            )
-
-    drain(True)
+    _drain(joined, local, True)
     try:
         eventually(lambda: _served_by(router, "drained")[0] == remote, 30, f"{remote} serves")
         assert {_served_by(router, f"drained {n}")[0] for n in range(3)} == {remote}
     finally:
-        drain(False)
+        _drain(joined, local, False)
     eventually(lambda: not router.health()["draining"], 30, f"the router takes {local} back")
 
 
-def test_a_worker_killed_mid_stream_loses_no_request(router: Router) -> None:
-    """Runs last: it kills one of the module's workers."""
-    raw = router.client().completions.with_raw_response.create(
-        model="tiny-random",
-        prompt="the model",
-        temperature=0,
-        max_tokens=1800,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
-    victim = raw.headers["x-edgellm-peer"]
-    text, usage = [], None
-    for number, chunk in enumerate(raw.parse()):
-        if number == 3:
-            router.peers[victim].worker.process.kill()
-        if chunk.choices:
-            text.append(chunk.choices[0].text)
-        usage = chunk.usage or usage
-    assert usage is not None
-    assert usage.completion_tokens == 1800  # the second worker went on where the first stopped
-    assert "".join(text)
-    failures = httpx.get(f"{router.url}/metrics").text
-    assert f'edgellm_router_worker_failures_total{{peer="{victim}"}} 1.0' in failures
-    for _ in range(5):
-        peer, _ = _served_by(router, "after the loss")
-        assert peer != victim
+def test_a_worker_killed_mid_stream_loses_no_request(
+    router: Router,
+    joined: LocalFederation,
+    cluster_kubeconfigs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """The worker it kills serves a model of this test's own, on one of two peers joined for
+    it: the module's peers stay whole, whatever runs after."""
+    model = write_model(tmp_path / "tiny-victim.gguf", TINY)
+    edge1 = joined.clusters[0].kubeconfig("admin")
+    with (
+        serving_peer(cluster_kubeconfigs["edge-1"], "edge-1-victim-a", model) as first,
+        serving_peer(cluster_kubeconfigs["edge-2"], "edge-2-victim-b", model) as second,
+    ):
+        peers = {first.name: first, second.name: second}
+        eventually(lambda: peer_ready(edge1, second.name), 60, "edge-1 sees edge-2's new peer")
+        # Both are Ready; a router refresh after that, which draining one and back shows, and
+        # the router has seen it: the request's second attempt finds the other peer Ready.
+        _drain(joined, first.name, True)
+        eventually(lambda: first.name in router.health()["draining"], 30, "a refresh")
+        _drain(joined, first.name, False)
+        eventually(lambda: not router.health()["draining"], 30, "another refresh")
+        raw = router.client().completions.with_raw_response.create(
+            model=model.stem,
+            prompt="the model",
+            temperature=0,
+            max_tokens=1800,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        victim = raw.headers["x-edgellm-peer"]
+        text, usage = [], None
+        for number, chunk in enumerate(raw.parse()):
+            if number == 3:
+                peers[victim].worker.process.kill()
+            if chunk.choices:
+                text.append(chunk.choices[0].text)
+            usage = chunk.usage or usage
+        assert usage is not None
+        assert usage.completion_tokens == 1800  # the second worker went on where the first stopped
+        assert "".join(text)
+        failures = httpx.get(f"{router.url}/metrics").text
+        assert f'edgellm_router_worker_failures_total{{peer="{victim}"}} 1.0' in failures
+        for _ in range(5):
+            peer, _ = _served_by(router, "after the loss", model.stem)
+            assert peer != victim
