@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from playwright.sync_api import BrowserContext, sync_playwright
+from playwright.sync_api import BrowserContext, Playwright
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = (
@@ -35,11 +35,11 @@ def chromium_missing() -> str | None:
 
 
 @contextmanager
-def chromium(**options: Any) -> Iterator[BrowserContext]:
+def chromium(playwright: Playwright, **options: Any) -> Iterator[BrowserContext]:
     """A browser with a fresh profile; `options` go to Playwright's context (viewport,
-    http_credentials, java_script_enabled, ...)."""
-    with tempfile.TemporaryDirectory(prefix="edgellm-chromium-") as profile, sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
+    http_credentials, java_script_enabled, ...). One `sync_playwright()` drives them all."""
+    with tempfile.TemporaryDirectory(prefix="edgellm-chromium-") as profile:
+        context = playwright.chromium.launch_persistent_context(
             profile,
             executable_path=CHROMIUM,
             args=list(FLAGS),
