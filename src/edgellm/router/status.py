@@ -15,6 +15,7 @@ the operators placed (`kubectl get ir` lists those).
 import asyncio
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,11 +67,6 @@ class KVBlocks(_Out):
             gpu=counts.get(MEDIUM_GPU, 0),
             cpu=counts.get(MEDIUM_CPU, 0),
             ipfs=counts.get(MEDIUM_IPFS, 0),
-        )
-
-    def __add__(self, other: "KVBlocks") -> "KVBlocks":
-        return KVBlocks(
-            gpu=self.gpu + other.gpu, cpu=self.cpu + other.cpu, ipfs=self.ipfs + other.ipfs
         )
 
 
@@ -255,6 +251,17 @@ class Sources:
     probes: Mapping[str, Probe]
 
 
+@dataclass(frozen=True)
+class _Judged:
+    """A peer and its state: what counting, filtering and sorting every peer needs; only the
+    page shown becomes `PeerView`s."""
+
+    peer: PeerNode
+    state: PeerState
+    reason: str
+    held: list[str]
+
+
 def federation_status(
     sources: Sources,
     members: list[FederationMember],
@@ -264,22 +271,25 @@ def federation_status(
 ) -> FederationStatus:
     peers = sources.peers
     failing = peers.failing()
-    lent = _lent_layers(sources.requests)
-    views = [
-        _peer_view(peer, sources, name in failing, lent.get(name, []), now)
+    judged = [
+        _Judged(
+            peer,
+            *peer_state(peer, name in failing, sources.probes.get(name)),
+            [m.name for m in peer.spec.models],
+        )
         for name, peer in peers.peers.items()
     ]
     states = {state: 0 for state in PEER_STATES}
-    for view in views:
-        states[view.state] += 1
+    for one in judged:
+        states[one.state] += 1
     return FederationStatus(
         generated_at=now,
         cluster=sources.cluster,
         cluster_error=_cluster_loss(peers, members_error),
         members=_members(sources, members, now),
         peer_states=states,
-        peers=_page(views, query),
-        models=_models(views, sources, now),
+        peers=_page(judged, query, sources, now),
+        models=_models(judged, sources, now),
         splits=[
             SplitView(
                 model=model,
@@ -347,22 +357,20 @@ def _because(condition: Condition) -> str:
     return f"{condition.reason}: {condition.message}" if condition.message else condition.reason
 
 
-def _peer_view(
-    peer: PeerNode, sources: Sources, failing: bool, layers: list[LentLayers], now: datetime
-) -> PeerView:
+def _peer_view(one: _Judged, sources: Sources, layers: list[LentLayers], now: datetime) -> PeerView:
+    peer = one.peer
     name, spec, status = peer.metadata.name, peer.spec, peer.status
     probe = sources.probes.get(name)
-    state, reason = peer_state(peer, failing, probe)
     beat = status.last_heartbeat_time
     reached = probe is not None and probe.rtt_ms is not None
     return PeerView(
         name=name,
         cluster=spec.cluster,
-        state=state,
-        reason=reason,
+        state=one.state,
+        reason=one.reason,
         backends=list(spec.backends),
-        models_held=[m.name for m in spec.models],
-        models_loaded=list(probe.models) if probe and probe.models is not None else None,
+        models_held=one.held,
+        models_loaded=_loaded(probe),
         layers=layers,
         running=status.load.running_requests,
         queued=status.load.queued_requests,
@@ -397,27 +405,34 @@ def _lent_layers(requests: RequestLog) -> dict[str, list[LentLayers]]:
     return lent
 
 
-def _matches(view: PeerView, query: PeerQuery) -> bool:
-    if query.state is not None and view.state != query.state:
+def _matches(one: _Judged, query: PeerQuery) -> bool:
+    if query.state is not None and one.state != query.state:
         return False
     text = query.q.strip().lower()
-    return not text or any(text in s.lower() for s in (view.name, view.cluster, *view.models_held))
+    spec = one.peer.spec
+    names = (one.peer.metadata.name, spec.cluster, *one.held)
+    return not text or any(text in name.lower() for name in names)
 
 
-def _page(views: list[PeerView], query: PeerQuery) -> PeerPage:
+def _page(judged: list[_Judged], query: PeerQuery, sources: Sources, now: datetime) -> PeerPage:
     rank = {state: number for number, state in enumerate(PEER_STATES)}
     matching = sorted(
-        (v for v in views if _matches(v, query)), key=lambda v: (rank[v.state], v.cluster, v.name)
+        (one for one in judged if _matches(one, query)),
+        key=lambda one: (rank[one.state], one.peer.spec.cluster, one.peer.metadata.name),
     )
     pages = max(1, math.ceil(len(matching) / query.per_page))
     page = min(query.page, pages)
     start = (page - 1) * query.per_page
+    lent = _lent_layers(sources.requests)
     return PeerPage(
         total=len(matching),
         page=page,
         pages=pages,
         per_page=query.per_page,
-        items=matching[start : start + query.per_page],
+        items=[
+            _peer_view(one, sources, lent.get(one.peer.metadata.name, []), now)
+            for one in matching[start : start + query.per_page]
+        ],
     )
 
 
@@ -458,35 +473,43 @@ def _members(sources: Sources, members: list[FederationMember], now: datetime) -
     return views
 
 
-def _models(views: list[PeerView], sources: Sources, now: datetime) -> list[ModelView]:
-    names = sorted({m for v in views for m in v.models_held} | set(sources.requests.traffic))
+def _models(judged: list[_Judged], sources: Sources, now: datetime) -> list[ModelView]:
+    names = sorted({m for one in judged for m in one.held} | set(sources.requests.traffic))
     result = []
     for name in names:
-        holders = [v for v in views if name in v.models_held]
-        ready = [v for v in holders if v.state == "ready"]
+        holders = [one for one in judged if name in one.held]
         clusters: dict[str, int] = {}
-        for view in ready:
-            clusters[view.cluster] = clusters.get(view.cluster, 0) + 1
-        serving = [v for v in holders if _serves(v, name)]
+        for one in holders:
+            if one.state == "ready":
+                clusters[one.peer.spec.cluster] = clusters.get(one.peer.spec.cluster, 0) + 1
+        loaded = [_loaded(sources.probes.get(one.peer.metadata.name)) for one in holders]
+        blocks: Counter[str] = Counter()
+        for one, models in zip(holders, loaded, strict=True):
+            if _serves(one.held, models, name):
+                blocks.update(sources.index.blocks_by_medium(one.peer.metadata.name))
         traffic = sources.requests.traffic.get(name)
         result.append(
             ModelView(
                 name=name,
                 clusters=clusters,
-                replicas=len(ready),
-                loaded=sum(1 for v in holders if v.models_loaded and name in v.models_loaded),
+                replicas=sum(clusters.values()),
+                loaded=sum(1 for models in loaded if models and name in models),
                 in_flight=traffic.in_flight if traffic else 0,
                 tokens_per_second=traffic.tokens_per_second(now.timestamp()) if traffic else 0.0,
                 cache_hit_rate=traffic.hit_rate() if traffic else None,
-                kv_blocks=sum((v.kv_blocks for v in serving), KVBlocks()),
+                kv_blocks=KVBlocks.of(blocks),
             )
         )
     return result
 
 
-def _serves(view: PeerView, model: str) -> bool:
+def _loaded(probe: Probe | None) -> list[str] | None:
+    return list(probe.models) if probe is not None and probe.models is not None else None
+
+
+def _serves(held: list[str], loaded: list[str] | None, model: str) -> bool:
     """Whether the peer's KV blocks are the model's: its worker serves it, or, unprobed, it is
     the one model the peer holds (block hashes do not name their model)."""
-    if view.models_loaded is not None:
-        return model in view.models_loaded
-    return view.models_held == [model]
+    if loaded is not None:
+        return model in loaded
+    return held == [model]
