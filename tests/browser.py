@@ -44,7 +44,7 @@ def chromium(playwright: Playwright, **options: Any) -> Iterator[BrowserContext]
             executable_path=CHROMIUM,
             args=list(FLAGS),
             headless=True,
-            **{"viewport": {"width": 1360, "height": 900}, **options},
+            **{"viewport": {"width": 1440, "height": 900}, **options},
         )
         try:
             yield context

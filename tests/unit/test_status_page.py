@@ -10,13 +10,16 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from urllib3 import HTTPSConnectionPool
+from urllib3.connection import HTTPSConnection
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from edgellm.api import FederationMember, InferenceRequestSpec, PeerNode
 from edgellm.kvcache.index import KVIndex
 from edgellm.kvcache.subscriptions import KVSubscriptions
 from edgellm.router.app import RouterSettings, create_app
 from edgellm.router.dispatch import NoWorkerError
-from edgellm.router.peers import PeerDirectory
+from edgellm.router.peers import PeerDirectory, why
 from edgellm.router.probes import Probe
 from edgellm.router.requestlog import RequestLog
 from edgellm.router.status import PeerQuery, Sources, federation_status, peer_state
@@ -255,3 +258,13 @@ def test_basic_credentials_become_the_bearer_key_they_carry() -> None:
     assert bearer("Bearer sk-x") == "Bearer sk-x"
     assert bearer("Basic not-base64!") is None
     assert bearer(None) is None
+
+
+def test_a_lost_cluster_is_said_in_a_few_words() -> None:
+    connection = HTTPSConnection("127.0.0.1", 6443)  # not connected: a name for the message
+    cause = NewConnectionError(
+        connection, "Failed to establish a new connection: [Errno 111] refused"
+    )
+    error = MaxRetryError(HTTPSConnectionPool("127.0.0.1"), "/apis/edgellm.io", cause)
+    assert why(error) == "Failed to establish a new connection: [Errno 111] refused"
+    assert why(TimeoutError()) == "TimeoutError"

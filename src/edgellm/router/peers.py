@@ -24,6 +24,13 @@ from edgellm.kvcache.subscriptions import KVSubscriptions
 logger = logging.getLogger(__name__)
 
 
+def why(error: Exception) -> str:
+    """A failed Kubernetes call in a few words: urllib3's retries wrap the cause in a paragraph
+    that names the pool and the URL."""
+    cause = getattr(error, "reason", None) or error
+    return (str(cause) or type(cause).__name__).rsplit("): ", 1)[-1]
+
+
 class PeerDirectory:
     def __init__(
         self, api: client.ApiClient | None, kv: KVSubscriptions, cooldown: float = 10.0
@@ -72,7 +79,7 @@ class PeerDirectory:
                 await self.refresh()
             except Exception as e:  # any failure to list: keep serving what is known
                 logger.warning("cannot list the PeerNodes: %s", e)
-                self.list_error = str(e) or type(e).__name__
+                self.list_error = why(e)
             await asyncio.sleep(interval)
 
     def failed(self, name: str) -> None:

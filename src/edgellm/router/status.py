@@ -29,7 +29,7 @@ from edgellm.api import Condition, FederationMember, PeerNode
 from edgellm.kube import objects
 from edgellm.kvcache.events import MEDIUM_CPU, MEDIUM_GPU, MEDIUM_IPFS
 from edgellm.kvcache.index import KVIndex
-from edgellm.router.peers import PeerDirectory
+from edgellm.router.peers import PeerDirectory, why
 from edgellm.router.probes import Probe
 from edgellm.router.requestlog import RequestLog, RequestOutcome
 
@@ -223,7 +223,7 @@ class Members:
                         objects.list_objects, self._api, objects.FEDERATION_MEMBERS, timeout=5
                     )
                 except Exception as e:  # the cluster is away: keep the last members known
-                    self.error = str(e) or type(e).__name__
+                    self.error = why(e)
                 else:
                     self.error = None
                     self.members = _valid_members(bodies)
