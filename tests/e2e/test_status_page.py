@@ -162,7 +162,7 @@ def test_the_page_shows_each_member_peer_and_model_with_its_state(lab: Lab, page
         expect(page.locator(f"#peer-{REMOTE}")).to_have_attribute(
             "data-state", "draining", timeout=WAIT_MS
         )
-        expect(page.locator(f"#peer-{REMOTE} .why")).to_contain_text("Unschedulable")
+        expect(page.locator(f"#peer-{REMOTE} .state-cell .why")).to_contain_text("Unschedulable")
         expect(model.locator(".served")).not_to_contain_text("edge-2")
     finally:
         _drain(lab, REMOTE, False)
@@ -235,7 +235,7 @@ def test_a_peer_that_stops_heartbeating_turns_not_ready_on_the_open_page(
         join.terminate()  # it stops heartbeating; the PeerNode stays
         join.wait(timeout=30)
         expect(row).to_have_attribute("data-state", "not-ready", timeout=WAIT_MS)
-        expect(row.locator(".why")).to_contain_text("HeartbeatExpired")
+        expect(row.locator(".state-cell .why")).to_contain_text("HeartbeatExpired")
         # The operator removes it after its grace (8 s in these tests): the row goes too.
         expect(row).to_have_count(0, timeout=WAIT_MS)
 

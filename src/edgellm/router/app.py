@@ -1,5 +1,6 @@
 """The router's HTTP API: OpenAI's chat and plain completions (whole or streamed as server-sent
-events), the models the federation serves, health and metrics.
+events), the models the federation serves, health and metrics; the status page's routes are
+`statuspage.py`'s, added here.
 
 `create_app(settings, api)` builds the app with its state on it (`app.state.router`, no
 globals); the routes are functions of this module that read it. Every request is checked in the
