@@ -58,6 +58,7 @@ bench: setup tools images  ## benchmarks at full size; figures in bench-results/
 	$(BIN)/python -m benchmarks.kv_ipfs --out bench-results/kv-ipfs.json
 	$(BIN)/python -m benchmarks.layer_split --out bench-results/layer-split.json
 	$(BIN)/python -m benchmarks.in_cluster --out bench-results/in-cluster.json
+	$(BIN)/python -m benchmarks.status_page --out bench-results/status-page.json
 
 bench-smoke: setup tools images  ## the benchmarks at a size that takes a minute each
 	$(BIN)/python -m benchmarks.federation --peers 120 --out bench-results/federation-smoke.json
@@ -66,6 +67,7 @@ bench-smoke: setup tools images  ## the benchmarks at a size that takes a minute
 	$(BIN)/python -m benchmarks.kv_ipfs --smoke --out bench-results/kv-ipfs-smoke.json
 	$(BIN)/python -m benchmarks.layer_split --smoke --out bench-results/layer-split-smoke.json
 	$(BIN)/python -m benchmarks.in_cluster --out bench-results/in-cluster-smoke.json
+	$(BIN)/python -m benchmarks.status_page --loads 5 --out bench-results/status-page-smoke.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that building images and running a real node need, where they are
-# missing: podman and buildah (`make images`), mmdebstrap (the images' base where no registry can
-# be reached), the CNI plugins and iptables (pods' network on a real node), libseccomp-dev (runc's
-# seccomp support, built by hack/tools.sh). On another distribution it names what to install.
+# Installs the Debian packages that building images, running a real node and the browser tests
+# need, where missing: podman and buildah (`make images`), mmdebstrap (the images' base where no
+# registry can be reached), the CNI plugins and iptables (pods' network on a real node),
+# libseccomp-dev (runc's seccomp support, built by hack/tools.sh), chromium (the status page's
+# browser tests drive it headless through Playwright, which never downloads a browser of its
+# own). On another distribution it names what to install.
 set -euo pipefail
-PACKAGES=(podman buildah runc mmdebstrap containernetworking-plugins iptables libseccomp-dev)
+PACKAGES=(podman buildah runc mmdebstrap containernetworking-plugins iptables libseccomp-dev chromium)
 
 missing=()
 for package in "${PACKAGES[@]}"; do

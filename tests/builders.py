@@ -72,3 +72,37 @@ def candidate(
         cached_fraction=cached,
         in_flight=in_flight,
     )
+
+
+def many_peers(count: int, heartbeat: str = NOW, clusters: int = 3) -> list[Body]:
+    """`count` peers over `clusters` clusters, as a large federation's status page shows them:
+    every tenth unreachable, every seventh not Ready, every eleventh draining, the rest Ready,
+    with loads, regions and a `heartbeat` time; nothing listens at their endpoints."""
+    bodies = []
+    for index in range(count):
+        cluster = f"edge-{index % clusters + 1}"
+        ready = index % 7 != 3
+        body = peer_body(
+            f"{cluster}-peer-{index:04d}",
+            ready=ready,
+            cluster=cluster,
+            endpoint=f"http://127.0.0.1:{1024 + index}",
+            network={"region": f"region-{index % 5}", "uplinkMbps": 20 + index % 80},
+            unschedulable=index % 11 == 5,
+            status={
+                "lastHeartbeatTime": heartbeat,
+                "load": {
+                    "runningRequests": index % 4,
+                    "queuedRequests": index % 3,
+                    "kvCacheUsage": (index % 100) / 100,
+                    "tokensPerSecond": float(index % 50),
+                },
+            },
+        )
+        conditions = body["status"]["conditions"]
+        if index % 10 == 0:
+            conditions.append(condition("Reachable", False, "MemberUnreachable"))
+        if index % 11 == 5:
+            conditions.append(condition("Draining", True, "Unschedulable"))
+        bodies.append(body)
+    return bodies

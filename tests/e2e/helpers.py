@@ -3,9 +3,12 @@
 `eventually`, the one way a test waits: on a condition, with a deadline.
 """
 
+import contextlib
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -216,15 +219,17 @@ def routed_peers(url: str) -> int:
 
 
 @contextmanager
-def router_process(kubeconfig: Path, log: Path, *options: str) -> Iterator[str]:
-    """`edgellm router` over kubeconfig's cluster (edge-1) on a free port, once it answers
-    /healthz; its URL. Its log is printed at the end."""
+def router_process(kubeconfig: Path | None, log: Path, *options: str) -> Iterator[str]:
+    """`edgellm router` over kubeconfig's cluster (edge-1), or without a cluster (`options`
+    then say --anonymous and --peers-file), on a free port, once it answers /healthz; its URL.
+    Its log is printed at the end."""
     port = free_port()
+    cluster = [] if kubeconfig is None else [f"--kubeconfig={kubeconfig}", "--cluster=edge-1"]
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "edgellm", "router", f"--kubeconfig={kubeconfig}"),
-                *("--cluster=edge-1", f"--port={port}", "--peer-refresh=1", "--verbose"),
+                *(sys.executable, "-m", "edgellm", "router", *cluster),
+                *(f"--port={port}", "--peer-refresh=1", "--verbose"),
                 *options,
             ],
             stdout=out,
@@ -270,8 +275,9 @@ def serving_peer(
 @contextmanager
 def joined_peer(
     kubeconfig: Path, name: str, endpoint: str, models_dir: Path, *options: str
-) -> Iterator[None]:
-    """`edgellm join` of the peer `name`, once it is Ready; it leaves at the end."""
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`edgellm join` of the peer `name`, once it is Ready (the process, which heartbeats until
+    stopped); it leaves at the end."""
     with tempfile.TemporaryFile() as log:
         join = subprocess.Popen(
             [
@@ -294,8 +300,61 @@ def joined_peer(
                 log.seek(0)
                 print(f"--- edgellm join {name} ---\n{log.read().decode(errors='replace')[-4000:]}")
                 raise
-            yield
+            yield join
         finally:
             join.terminate()
             join.wait(timeout=30)
             edgellm("leave", f"--kubeconfig={kubeconfig}", f"--name={name}", "--deadline=0")
+
+
+class TcpRelay:
+    """A loopback relay to `target` (host, port) that a test can cut and restore, as a network
+    partition would, without touching the server behind it."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def restore(self) -> None:
+        """Relays again, on the same port."""
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Refuses new connections and breaks every open one."""
+        assert self._listener is not None
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self._listener.close()
+        with self._lock:
+            for connection in self._open:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+            self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                near, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                far = socket.create_connection(self.target)
+            except OSError:
+                near.close()
+                continue
+            with self._lock:
+                self._open += [near, far]
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)

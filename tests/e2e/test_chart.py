@@ -53,6 +53,13 @@ MATRIX: dict[str, list[str]] = {
     ],
     "router": ["--set=router.replicas=3", "--set=router.policy=round-robin"],
     "pool": [f"--set-json=workers.pools=[{json.dumps(POOL)}]"],
+    "ingress": [
+        "--set=router.ingress.enabled=true",
+        "--set=router.ingress.host=edgellm.home.example",
+        "--set=router.ingress.className=nginx",
+        '--set-json=router.ingress.tls=[{"secretName": "edgellm-tls"}]',
+        "--set=router.statusPage=keys",
+    ],
 }
 
 
@@ -181,6 +188,7 @@ def test_the_router_takes_its_settings_from_values() -> None:
         "--rate-limit=10/second",
         "--api-keys-secret=edgellm-router-api-keys",
         f"--namespace={NAMESPACE}",
+        "--status-page=loopback",
         "--host=0.0.0.0",
         "--port=8080",
     ]
@@ -228,7 +236,7 @@ def test_the_operator_holds_exactly_the_permissions_it_uses() -> None:
     assert all(template[i - 1].strip().startswith("#") for i in rule_lines), "a rule lacks a why"
 
 
-def test_the_router_reads_only_its_api_key_secret_and_lists_peers() -> None:
+def test_the_router_reads_only_its_api_key_secret_and_lists_peers_and_members() -> None:
     objects = render("--set=router.apiKeysSecret=keys", "--set=router.namespace=keys-ns")
     role = by_component(objects, "Role", "router")
     assert role["metadata"]["namespace"] == "keys-ns"
@@ -242,8 +250,28 @@ def test_the_router_reads_only_its_api_key_secret_and_lists_peers() -> None:
     ]
     cluster_role = by_component(objects, "ClusterRole", "router")
     assert cluster_role["rules"] == [
-        {"apiGroups": ["edgellm.io"], "resources": ["peernodes"], "verbs": ["list"]}
+        {"apiGroups": ["edgellm.io"], "resources": ["peernodes"], "verbs": ["list"]},
+        {"apiGroups": ["edgellm.io"], "resources": ["federationmembers"], "verbs": ["list"]},
     ]
+
+
+def test_the_status_page_goes_through_the_router_service_and_an_optional_ingress() -> None:
+    assert not of_kind(render(), "Ingress")
+    objects = render(*MATRIX["ingress"])
+    (ingress,) = of_kind(objects, "Ingress")
+    service = by_component(objects, "Service", "router")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "edgellm.home.example"
+    (path,) = rule["http"]["paths"]
+    assert path["path"] == "/"
+    assert path["backend"]["service"] == {
+        "name": service["metadata"]["name"],
+        "port": {"name": service["spec"]["ports"][0]["name"]},
+    }
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "edgellm-tls"}]
+    (container,) = _containers(by_component(objects, "Deployment", "router"))
+    assert "--status-page=keys" in container["args"]
 
 
 def test_defaults_render_no_monitoring_dashboards_or_pools() -> None:
@@ -333,6 +361,9 @@ def test_the_crds_are_the_generated_ones_and_kopfs_peering() -> None:
         ("--set=operator.peeringLifetime=2", "/operator/peeringLifetime"),
         ("--set=podSecurity.runAsUser=0", "/podSecurity/runAsUser"),
         ("--set=router.rateLimit=lots", "/router/rateLimit"),
+        ("--set=router.statusPage=open", "/router/statusPage"),
+        ("--set=router.ingress.path=status", "/router/ingress/path"),
+        ("--set=router.ingress.host=Not A Host", "/router/ingress/host"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_field(value: str, field: str) -> None:

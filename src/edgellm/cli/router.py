@@ -18,6 +18,7 @@ from edgellm.cli._common import (
 )
 from edgellm.router.app import RouterSettings, create_app
 from edgellm.router.policies import Policy
+from edgellm.router.statuspage import StatusAccess
 
 
 def _tokenizers(pairs: list[str]) -> dict[str, Path]:
@@ -82,12 +83,27 @@ def run_router(
     failure_cooldown: Annotated[
         float, typer.Option(help="Seconds a worker that failed a request is left out.")
     ] = 10.0,
+    status_page: Annotated[
+        StatusAccess,
+        typer.Option(
+            help="Who sees the status page (/) without an API key: loopback (callers on this"
+            " machine, kubectl port-forward included) or keys (nobody). Browsers send a key as"
+            " the password of HTTP Basic authentication."
+        ),
+    ] = "loopback",
+    probe_interval: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between asking each worker for its models and round trip, while"
+            " someone watches the status page; 0: never."
+        ),
+    ] = 10.0,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions and /v1/models over the federation's
-    workers, with /healthz and /metrics."""
+    workers, with /healthz, /metrics and a status page at / (its JSON at /v1/federation)."""
     configure_logging(verbose)
     settings = RouterSettings(
         cluster=cluster,
@@ -102,6 +118,8 @@ def run_router(
         tokenizers=_tokenizers(tokenizer),
         peer_refresh_seconds=peer_refresh,
         failure_cooldown_seconds=failure_cooldown,
+        status_page=status_page,
+        probe_interval_seconds=probe_interval,
     )
     if peers_file is not None:
         if not anonymous:

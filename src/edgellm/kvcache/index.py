@@ -117,10 +117,11 @@ class KVIndex:
         in_ipfs = self.best_holder(prompt, MEDIUM_IPFS, model_holders) if prompt else None
         return PromptLookup(self, prompt, in_ipfs)
 
-    def blocks_by_medium(self) -> dict[str, int]:
-        """How many blocks the index knows, per medium, summed over workers."""
+    def blocks_by_medium(self, worker: str | None = None) -> dict[str, int]:
+        """How many blocks the index knows, per medium, of `worker` or summed over workers."""
         totals: dict[str, int] = {}
-        for mediums in self._blocks.values():
+        workers = self._blocks.values() if worker is None else [self._blocks.get(worker, {})]
+        for mediums in workers:
             for medium, blocks in mediums.items():
                 totals[medium] = totals.get(medium, 0) + len(blocks)
         return totals

@@ -12,7 +12,10 @@ import math
 import time
 from dataclasses import dataclass
 
+from fastapi.responses import JSONResponse
 from limits import parse, storage, strategies
+
+from edgellm.workerapi.protocol import error_response
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,12 @@ class Denied:
     message: str
     code: str
     retry_after: int | None = None
+
+    def response(self) -> JSONResponse:
+        """The refusal in OpenAI's shape."""
+        kind = "rate_limit_error" if self.status == 429 else "authentication_error"
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        return error_response(self.status, self.message, kind, code=self.code, headers=headers)
 
 
 def _digest(key: str) -> bytes:

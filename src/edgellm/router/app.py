@@ -1,5 +1,6 @@
 """The router's HTTP API: OpenAI's chat and plain completions (whole or streamed as server-sent
-events), the models the federation serves, health and metrics.
+events), the models the federation serves, health and metrics; the status page's routes are
+`statuspage.py`'s, added here.
 
 `create_app(settings, api)` builds the app with its state on it (`app.state.router`, no
 globals); the routes are functions of this module that read it. Every request is checked in the
@@ -35,7 +36,11 @@ from edgellm.router.dispatch import Dispatcher, NoWorkerError, UnknownModelError
 from edgellm.router.metrics import RouterMetrics
 from edgellm.router.peers import PeerDirectory
 from edgellm.router.policies import Policy
+from edgellm.router.probes import Prober
+from edgellm.router.requestlog import RequestLog
 from edgellm.router.schemas import ChatCompletionRequest, CompletionRequest
+from edgellm.router.status import Members, Sources
+from edgellm.router.statuspage import StatusAccess, StatusPage, add_routes
 from edgellm.router.tokenizers import GgufTokenizer
 from edgellm.scheduling import ProfileConfig, configured_profile
 from edgellm.workerapi import Job, Outcome, Piece, WorkerClient, WorkerRefusedError
@@ -74,6 +79,10 @@ class RouterSettings(BaseModel):
     peer_refresh_seconds: float = 2.0
     failure_cooldown_seconds: float = 10.0
     keys_refresh_seconds: float = 10.0
+    status_page: StatusAccess = "loopback"
+    """Who sees the status page without a key: callers on loopback, or nobody."""
+    probe_interval_seconds: float = 10.0
+    """How often the status page's prober asks each worker for its models, while watched."""
 
 
 @dataclass
@@ -85,6 +94,7 @@ class Routing:
     dispatcher: Dispatcher
     metrics: RouterMetrics
     access: Access
+    requests: RequestLog
     started: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -108,12 +118,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise _BodyTooLargeError
     return bytes(body)
-
-
-def _denied(refusal: Denied) -> JSONResponse:
-    kind = "rate_limit_error" if refusal.status == 429 else "authentication_error"
-    headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after else None
-    return error_response(refusal.status, refusal.message, kind, code=refusal.code, headers=headers)
 
 
 def _refusal(error: Exception) -> JSONResponse:
@@ -151,7 +155,7 @@ async def models(request: Request) -> Response:
     routing = _routing(request)
     caller = routing.access.check(request.headers.get("authorization"))
     if isinstance(caller, Denied):
-        return _denied(caller)
+        return caller.response()
     cards = [ModelCard(id=name, created=routing.started) for name in routing.peers.models()]
     return JSONResponse(ModelList(data=cards).model_dump(exclude_none=True))
 
@@ -169,7 +173,7 @@ async def kv_lookup(request: Request) -> Response:
     routing = _routing(request)
     caller = routing.access.check(request.headers.get("authorization"))
     if isinstance(caller, Denied):
-        return _denied(caller)
+        return caller.response()
     limit = routing.settings.max_body_bytes
     try:
         raw = json.loads(await _read_body(request, limit))
@@ -190,7 +194,7 @@ async def _complete(request: Request, endpoint: str) -> Response:
     caller = routing.access.check(request.headers.get("authorization"))
     if isinstance(caller, Denied):
         metrics.requests.labels(endpoint, "", str(caller.status)).inc()
-        return _denied(caller)
+        return caller.response()
     kind = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
     try:
         asked = kind.model_validate(json.loads(await _read_body(request, limit)))
@@ -208,7 +212,7 @@ async def _complete(request: Request, endpoint: str) -> Response:
     answering = Answering(
         chat=endpoint == "chat", request_id=job.id, model=model, include_usage=asked.include_usage
     )
-    pieces = routing.dispatcher.run(job)
+    pieces = routing.requests.track(job, routing.dispatcher.run(job))
     try:
         first = await anext(pieces)
     except (UnknownModelError, NoWorkerError, WorkerRefusedError) as e:
@@ -335,15 +339,18 @@ def create_app(
         tokenizers={name: GgufTokenizer(path) for name, path in settings.tokenizers.items()},
         max_attempts=settings.max_attempts,
     )
+    requests = RequestLog()
+    prober = Prober(peers, workers, interval=settings.probe_interval_seconds)
+    sources = Sources(settings.cluster, peers, peers.kv.index, requests, prober.results)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        tasks = []
+        tasks = [asyncio.create_task(prober.run())]
         if api is None:
             peers.set_peers(static_peers or [])  # here: following KV events needs the loop
         else:
             await peers.refresh()
-            tasks = [
+            tasks += [
                 asyncio.create_task(peers.follow(settings.peer_refresh_seconds)),
                 asyncio.create_task(_follow_keys(api, settings, access)),
             ]
@@ -357,7 +364,9 @@ def create_app(
             await workers.aclose()
 
     app = FastAPI(title="EdgeLLM router", lifespan=lifespan)
-    app.state.router = Routing(settings, peers, dispatcher, metrics, access)
+    app.state.router = Routing(settings, peers, dispatcher, metrics, access, requests)
+    members = Members(api, settings.peer_refresh_seconds)
+    add_routes(app, StatusPage(sources, members, prober, access, settings.status_page))
     app.add_api_route("/healthz", health, methods=["GET"])
     app.add_api_route("/metrics", export_metrics, methods=["GET"], response_model=None)
     app.add_api_route("/v1/models", models, methods=["GET"], response_model=None)

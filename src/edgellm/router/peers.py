@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
@@ -21,6 +22,13 @@ from edgellm.kube import objects
 from edgellm.kvcache.subscriptions import KVSubscriptions
 
 logger = logging.getLogger(__name__)
+
+
+def why(error: Exception) -> str:
+    """A failed Kubernetes call in a few words: urllib3's retries wrap the cause in a paragraph
+    that names the pool and the URL."""
+    cause = getattr(error, "reason", None) or error
+    return (str(cause) or type(cause).__name__).rsplit("): ", 1)[-1]
 
 
 class PeerDirectory:
@@ -35,6 +43,10 @@ class PeerDirectory:
         self._models = PeerModels()
         self._failed_until: dict[str, float] = {}
         self._invalid: set[str] = set()
+        self.listed: datetime | None = None
+        """When the cluster last listed its peers."""
+        self.list_error: str | None = None
+        """Why the last listing failed; None once one succeeds."""
 
     def set_peers(self, bodies: list[dict[str, Any]]) -> None:
         """Replaces the known peers by these PeerNode bodies; invalid ones are skipped."""
@@ -58,6 +70,7 @@ class PeerDirectory:
     async def refresh(self) -> None:
         assert self._api is not None, "a directory without a cluster is filled by set_peers"
         self.set_peers(await asyncio.to_thread(objects.list_objects, self._api, objects.PEER_NODES))
+        self.listed, self.list_error = datetime.now(UTC), None
 
     async def follow(self, interval: float) -> None:
         """Refreshes forever; a cluster that does not answer keeps the last peers known."""
@@ -66,6 +79,7 @@ class PeerDirectory:
                 await self.refresh()
             except Exception as e:  # any failure to list: keep serving what is known
                 logger.warning("cannot list the PeerNodes: %s", e)
+                self.list_error = why(e)
             await asyncio.sleep(interval)
 
     def failed(self, name: str) -> None:

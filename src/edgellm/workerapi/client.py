@@ -33,6 +33,7 @@ from edgellm.workerapi.protocol import (
     ErrorResponse,
     GenerationRequest,
     KVTransfer,
+    ModelList,
     PrefillResponse,
     StreamOptions,
     TokenizeRequest,
@@ -60,6 +61,8 @@ DEFAULT_LIMITS: Final = httpx.Limits(max_connections=512, max_keepalive_connecti
 TOKENIZE_TIMEOUT: Final = 2.0
 """Seconds a tokenization may take: it only informs a preference."""
 CANCEL_TIMEOUT: Final = 5.0
+MODELS_TIMEOUT: Final = 2.0
+"""Seconds a worker may take to list its models: the status page's probe, nothing waits on it."""
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,15 @@ class WorkerClient:
             except (WorkerError, ValidationError) as e:
                 logger.info("tokenizing on %s for the KV index: %s", endpoint, e)
         return None
+
+    async def models(self, endpoint: str) -> list[str]:
+        """The models the worker serves now (OpenAI's `GET /v1/models`, which stock servers
+        answer too)."""
+        answer = await self._call("GET", _url(endpoint, "/v1/models"), None, MODELS_TIMEOUT)
+        try:
+            return [card.id for card in ModelList.model_validate_json(answer.content).data]
+        except ValidationError as e:
+            raise WorkerFailedError(f"{endpoint}: /v1/models is not a model list") from e
 
     async def prefill(self, endpoint: str, request: GenerationRequest) -> PrefillResponse:
         """Computes the prompt's KV on the worker, which keeps it for `GET /v1/kv/{id}`."""
